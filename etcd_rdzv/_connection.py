@@ -1,0 +1,405 @@
+"""The one module that talks to etcd: channel, deadlines, retries and error mapping.
+
+aetcd is thin: one endpoint, no TLS, no retries, no deadline unless given, a token never
+refreshed. This module owns that policy so that nothing else imports aetcd or grpc:
+
+* **Channel.** Plaintext or TLS/mTLS (``grpc.aio.secure_channel``); several endpoints
+  through one gRPC multi-address target (``ipv4:a:p,b:p``, pick_first fails over); reconnect
+  backoff capped at 1 s (gRPC's default left clients failing ~11 s after an outage ended).
+* **Deadlines.** Every RPC carries one: ``request_timeout`` for an attempt, capped by what
+  is left of the operation's :class:`Deadline` (``read_timeout``).
+* **Retries.** Reads retry transient errors (UNAVAILABLE, DEADLINE_EXCEEDED) until the
+  deadline. Writes are attempted once: :meth:`EtcdClient.txn_once` raises
+  :class:`Unavailable` and the caller resolves the ambiguity by reading.
+* **Re-login.** An expired auth token (UNAUTHENTICATED) reconnects, which authenticates
+  again, and repeats the attempt once: a rejected request was never applied.
+* **Errors.** gRPC status codes become :mod:`etcd_rdzv.errors` in one function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aetcd
+import grpc
+from aetcd import rpc
+
+from .config import Endpoint, EtcdConfig
+from .errors import EtcdAuthError, EtcdConnectionError, EtcdRendezvousError
+
+__all__ = ["Deadline", "EtcdClient", "LeaseNotFound", "Unavailable"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    # Pings only while calls are open (a watch): a hung member is noticed within ~15 s.
+    # etcd's default --grpc-keepalive-min-time is 5 s; faster pings get the stream closed.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+)
+_TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+_RETRY_BACKOFF_INITIAL = 0.05
+_RETRY_BACKOFF_MAX = 0.5
+
+
+class Unavailable(EtcdConnectionError):
+    """One attempt failed in a way that may pass (UNAVAILABLE, DEADLINE_EXCEEDED).
+
+    For a write the outcome is unknown: it may have been applied.
+    """
+
+
+class LeaseNotFound(EtcdConnectionError):
+    """A write named a lease etcd does not have (expired, revoked, or lost in a restore).
+
+    The write was not applied.
+    """
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """A point in time (``time.monotonic``) by which an operation must end."""
+
+    at: float
+    seconds: float
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline:
+        return cls(time.monotonic() + seconds, seconds)
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+    @property
+    def expired(self) -> bool:
+        return self.remaining() <= 0
+
+    def attempt_timeout(self, request_timeout: float) -> float:
+        """The deadline of the next RPC attempt; at least 1 ms so gRPC fails cleanly."""
+        return max(0.001, min(request_timeout, self.remaining()))
+
+
+def _map_grpc_error(exc: grpc.aio.AioRpcError, what: str, targets: str) -> EtcdRendezvousError:
+    """Turn a gRPC status into this project's error, naming what failed and where."""
+    code, details = exc.code(), exc.details() or ""
+    if code in _TRANSIENT_CODES:
+        return Unavailable(f"{what} failed: etcd at {targets} is unavailable ({code.name}: "
+                           f"{details}).")
+    if code == grpc.StatusCode.UNAUTHENTICATED or "authentication failed" in details:
+        return EtcdAuthError(f"{what} failed: etcd at {targets} rejected the credentials "
+                             f"({details}). Check username and password_file.")
+    if code == grpc.StatusCode.PERMISSION_DENIED or "permission denied" in details:
+        return EtcdAuthError(f"{what} failed: permission denied. The etcd user needs "
+                             f"read-write access to this key prefix ({details}).")
+    if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
+        return LeaseNotFound(f"{what} failed: {details}.")
+    if "database space exceeded" in details:
+        return EtcdConnectionError(
+            f"{what} failed: etcd at {targets} is out of space (NOSPACE alarm: {details}). "
+            "Compact and defragment etcd, then disarm the alarm; run etcd with "
+            "--auto-compaction-retention to keep it from happening again."
+        )
+    return EtcdConnectionError(f"{what} failed: etcd at {targets} answered {code.name}: "
+                               f"{details}")
+
+
+class _AetcdClient(aetcd.Client):  # type: ignore[misc]
+    """aetcd's client with our channel: TLS, several endpoints, capped reconnect backoff."""
+
+    def __init__(self, config: EtcdConfig, target: str, extra_options: dict[str, Any]) -> None:
+        super().__init__(
+            username=config.username,
+            password=config.password,
+            timeout=config.request_timeout,
+            options={**dict(_CHANNEL_OPTIONS), **extra_options},
+        )
+        self._config = config
+        self._target = target
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        config = self._config
+        if config.uses_tls:
+            self.channel = grpc.aio.secure_channel(
+                self._target, _tls_credentials(config), options=list(self._options.items())
+            )
+        else:
+            self.channel = grpc.aio.insecure_channel(
+                self._target, options=list(self._options.items())
+            )
+        if config.username is not None:
+            self.auth_stub = rpc.AuthStub(self.channel)
+            response = await self.auth_stub.Authenticate(
+                rpc.AuthenticateRequest(name=config.username, password=config.password),
+                timeout=config.request_timeout,
+            )
+            self.metadata = (("token", response.token),)
+        self.kvstub = rpc.KVStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._watcher = aetcd.watcher.Watcher(
+            rpc.WatchStub(self.channel), timeout=config.request_timeout, metadata=self.metadata
+        )
+        self._connected.set()
+
+
+def _tls_credentials(config: EtcdConfig) -> grpc.ChannelCredentials:
+    def read(path: os.PathLike[str] | None, name: str) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as file:
+                return file.read()
+        except OSError as exc:
+            raise EtcdConnectionError(f"Cannot read {name}={os.fspath(path)!r}: {exc}") from exc
+
+    cert = read(config.ssl_cert, "ssl_cert")
+    key = read(config.ssl_cert_key, "ssl_cert_key") if config.ssl_cert_key else cert
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(config.ca_cert, "ca_cert"),
+        private_key=key if cert else None,
+        certificate_chain=cert,
+    )
+
+
+async def _resolve_target(endpoints: tuple[Endpoint, ...]) -> tuple[str, dict[str, Any]]:
+    """The gRPC target for the endpoints, and the channel options it needs.
+
+    One endpoint is passed as it is (gRPC resolves the name). Several are resolved here into
+    one ``ipv4:``/``ipv6:`` address list, which pick_first walks until one answers.
+    """
+    if len(endpoints) == 1:
+        return str(endpoints[0]), {}
+    loop = asyncio.get_running_loop()
+    addresses: list[tuple[int, str, int]] = []
+    for endpoint in endpoints:
+        try:
+            infos = await loop.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            log.warning("etcd endpoint %s does not resolve (%s); skipping it", endpoint, exc)
+            continue
+        for family, _, _, _, sockaddr in infos:
+            entry = (int(family), str(sockaddr[0]), endpoint.port)
+            if entry not in addresses:
+                addresses.append(entry)
+    if not addresses:
+        raise Unavailable("None of the etcd endpoints "
+                          f"{','.join(map(str, endpoints))} resolves to an address.")
+    families = {family for family, _, _ in addresses}
+    if families == {int(socket.AF_INET)}:
+        target = "ipv4:" + ",".join(f"{host}:{port}" for _, host, port in addresses)
+    elif families == {int(socket.AF_INET6)}:
+        target = "ipv6:" + ",".join(f"[{host}]:{port}" for _, host, port in addresses)
+    else:
+        # gRPC's address-list targets take one family; keep the one the first endpoint used.
+        first = addresses[0][0]
+        scheme = "ipv4:" if first == int(socket.AF_INET) else "ipv6:"
+        fmt = "{}:{}" if first == int(socket.AF_INET) else "[{}]:{}"
+        target = scheme + ",".join(fmt.format(h, p) for f, h, p in addresses if f == first)
+    # TLS checks one server name for the whole list: the first endpoint's.
+    return target, {"grpc.ssl_target_name_override": endpoints[0].host}
+
+
+class EtcdClient:
+    """A connection to one etcd cluster, shared by the backend and the store of a process.
+
+    It connects lazily, on the event loop of its first call, and serves that loop only.
+    After ``fork`` the child drops the parent's channel (never touching it) and connects anew.
+
+    Args:
+        config: endpoints, security and deadlines.
+    """
+
+    def __init__(self, config: EtcdConfig) -> None:
+        self._config = config
+        self._client: _AetcdClient | None = None
+        self._pid = os.getpid()
+        self._connect_lock: asyncio.Lock | None = None
+
+    @property
+    def config(self) -> EtcdConfig:
+        return self._config
+
+    async def __aenter__(self) -> EtcdClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel. The client reconnects if it is used again."""
+        client, self._client = self._client, None
+        if client is not None and self._pid == os.getpid():
+            await client.close()
+
+    async def _connected(self) -> _AetcdClient:
+        if self._pid != os.getpid():
+            # A forked child: the parent's channel and loop are not ours to use or close.
+            self._pid, self._client, self._connect_lock = os.getpid(), None, None
+        if self._client is not None:
+            return self._client
+        if self._connect_lock is None:
+            self._connect_lock = asyncio.Lock()
+        async with self._connect_lock:
+            if self._client is None:
+                target, options = await _resolve_target(self._config.endpoints)
+                client = _AetcdClient(self._config, target, options)
+                await client.connect()
+                self._client = client
+            return self._client
+
+    async def _reconnect(self, stale: _AetcdClient) -> None:
+        if self._client is stale:
+            self._client = None
+            await stale.close()
+
+    async def _attempt(
+        self, what: str, call: Callable[[_AetcdClient, float], Awaitable[T]], deadline: Deadline
+    ) -> T:
+        """One RPC attempt with its deadline; once more after a re-login."""
+        for relogin in (False, True):
+            client: _AetcdClient | None = None
+            try:
+                client = await self._connected()
+                return await call(client, deadline.attempt_timeout(self._config.request_timeout))
+            except grpc.aio.AioRpcError as exc:
+                if (exc.code() == grpc.StatusCode.UNAUTHENTICATED and not relogin
+                        and self._config.username is not None and client is not None):
+                    log.info("etcd auth token expired; authenticating again")
+                    await self._reconnect(client)
+                    continue
+                raise _map_grpc_error(exc, what, self._config.targets) from exc
+        raise AssertionError("unreachable")
+
+    async def _retrying(
+        self, what: str, call: Callable[[_AetcdClient, float], Awaitable[T]], deadline: Deadline
+    ) -> T:
+        """Attempts of an idempotent call until one succeeds or the deadline passes."""
+        backoff = _RETRY_BACKOFF_INITIAL
+        while True:
+            try:
+                return await self._attempt(what, call, deadline)
+            except Unavailable as exc:
+                if deadline.remaining() <= backoff:
+                    raise Unavailable(
+                        f"{exc} Gave up after {deadline.seconds:g} s (read_timeout)."
+                    ) from exc.__cause__
+                log.debug("retrying %s: %s", what, exc)
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, _RETRY_BACKOFF_MAX)
+
+    async def get(self, key: bytes, deadline: Deadline) -> rpc.RangeResponse:
+        """A linearizable read of one key, retried within ``deadline``."""
+        request = rpc.RangeRequest(key=key)
+
+        async def call(client: _AetcdClient, timeout: float) -> rpc.RangeResponse:
+            return await client.kvstub.Range(request, timeout=timeout, metadata=client.metadata)
+
+        return await self._retrying(f"Reading {key.decode(errors='replace')!r}", call, deadline)
+
+    async def get_prefix(self, prefix: bytes, deadline: Deadline, *,
+                         count_only: bool = False) -> rpc.RangeResponse:
+        """A linearizable read of every key under ``prefix``, retried within ``deadline``."""
+        request = rpc.RangeRequest(key=prefix, range_end=aetcd.utils.prefix_range_end(prefix),
+                                   count_only=count_only)
+
+        async def call(client: _AetcdClient, timeout: float) -> rpc.RangeResponse:
+            return await client.kvstub.Range(request, timeout=timeout, metadata=client.metadata)
+
+        return await self._retrying(f"Reading prefix {prefix.decode(errors='replace')!r}",
+                                    call, deadline)
+
+    async def txn_once(self, request: rpc.TxnRequest, deadline: Deadline,
+                       what: str) -> rpc.TxnResponse:
+        """One attempt of a transaction.
+
+        Raises:
+            Unavailable: the outcome is unknown; resolve it by reading, never by resending.
+        """
+        async def call(client: _AetcdClient, timeout: float) -> rpc.TxnResponse:
+            return await client.kvstub.Txn(request, timeout=timeout, metadata=client.metadata)
+
+        return await self._attempt(what, call, deadline)
+
+    async def txn_idempotent(self, request: rpc.TxnRequest, deadline: Deadline,
+                             what: str) -> rpc.TxnResponse:
+        """A transaction that is safe to apply twice (a compare guards it), retried."""
+        async def call(client: _AetcdClient, timeout: float) -> rpc.TxnResponse:
+            return await client.kvstub.Txn(request, timeout=timeout, metadata=client.metadata)
+
+        return await self._retrying(what, call, deadline)
+
+    async def grant_lease(self, ttl: int, deadline: Deadline) -> int:
+        """Grant a lease of ``ttl`` seconds and return its id.
+
+        Retried: a grant whose answer was lost leaves an unused lease that expires by itself.
+        """
+        request = rpc.LeaseGrantRequest(TTL=ttl)
+
+        async def call(client: _AetcdClient, timeout: float) -> int:
+            response = await client.leasestub.LeaseGrant(
+                request, timeout=timeout, metadata=client.metadata
+            )
+            return int(response.ID)
+
+        return await self._retrying("Granting a lease", call, deadline)
+
+    async def lease_time_to_live(self, lease_id: int, deadline: Deadline) -> int:
+        """The seconds left on a lease; -1 when it has expired or does not exist."""
+        request = rpc.LeaseTimeToLiveRequest(ID=lease_id)
+
+        async def call(client: _AetcdClient, timeout: float) -> int:
+            response = await client.leasestub.LeaseTimeToLive(
+                request, timeout=timeout, metadata=client.metadata
+            )
+            return int(response.TTL)
+
+        return await self._retrying("Reading a lease", call, deadline)
+
+    async def next_change(self, key: bytes, start_revision: int, timeout: float) -> bool:
+        """Wait until ``key`` changes at or after ``start_revision``.
+
+        Returns True when a change (put or delete) arrived, False when ``timeout`` passed
+        first or the watch broke (the caller re-reads either way, so nothing is missed).
+        """
+        try:
+            client = await self._connected()
+        except grpc.aio.AioRpcError as exc:
+            raise _map_grpc_error(exc, "Watching", self._config.targets) from exc
+
+        async def first_event() -> bool:
+            watch = await client.watch(key, start_revision=start_revision)
+            try:
+                async for _event in watch:
+                    return True
+                return False
+            finally:
+                await watch.cancel()
+
+        try:
+            return await asyncio.wait_for(first_event(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        except aetcd.exceptions.RevisionCompactedError:
+            return True  # history is gone; a read tells the current value
+        except aetcd.exceptions.ClientError as exc:
+            log.debug("watch on %r broke (%s); re-reading", key, exc)
+            await asyncio.sleep(min(timeout, _RETRY_BACKOFF_MAX))
+            return False

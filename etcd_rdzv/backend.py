@@ -1,0 +1,202 @@
+"""The rendezvous state in etcd: ``get_state`` and ``set_state``, one round trip each."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Final
+
+from aetcd import rpc
+
+from ._connection import Deadline, EtcdClient, LeaseNotFound, Unavailable
+from ._lease import AmortizedLease
+from .codec import StateCodec
+from .config import DEFAULT_KEY_PREFIX, DEFAULT_TTL, validate_key_prefix
+from .errors import EtcdConnectionError
+
+__all__ = ["AsyncEtcdRendezvousBackend"]
+
+log = logging.getLogger(__name__)
+
+_INT_TOKEN = re.compile(r"\s*\d+\s*")
+
+
+class _Stale:
+    """A token that cannot be a revision: the write is refused as stale."""
+
+
+_STALE: Final = _Stale()
+_RETRY: Final = object()
+
+
+def _expected_revision(token: Any) -> int | None | _Stale:
+    """``None`` for "create only", the revision a token names, or :data:`_STALE`."""
+    if token is None:
+        return None
+    if isinstance(token, int) and not isinstance(token, bool):
+        return token if token >= 0 else _STALE
+    if isinstance(token, str) and _INT_TOKEN.fullmatch(token):
+        return int(token)
+    return _STALE
+
+
+class AsyncEtcdRendezvousBackend:
+    """torch's rendezvous backend contract over etcd v3, as coroutines, without torch.
+
+    The state lives under one key, ``<key_prefix>/<run_id>``, in the stored form of
+    :class:`~etcd_rdzv.codec.StateCodec`. The token is the key's ``mod_revision``, an int.
+
+    Args:
+        client: the connection to etcd (its ``read_timeout`` bounds every call).
+        run_id: the rendezvous id; one key per run.
+        key_prefix: where the state keys live.
+        ttl: seconds an abandoned state survives its last write; see
+            :class:`~etcd_rdzv._lease.AmortizedLease` for the exact bound.
+        codec: the stored form (compression threshold, request size limit).
+    """
+
+    name = "etcd-v3"
+
+    def __init__(
+        self,
+        client: EtcdClient,
+        run_id: str,
+        *,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        ttl: int = DEFAULT_TTL,
+        codec: StateCodec | None = None,
+    ) -> None:
+        if not isinstance(run_id, str) or not run_id.strip():
+            raise ValueError(f"The run id must be a non-empty string, got run_id={run_id!r}.")
+        if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
+            raise ValueError(f"The option ttl must be a positive integer of seconds, got "
+                             f"ttl={ttl!r}.")
+        self._client = client
+        self._run_id = run_id
+        self._key = f"{validate_key_prefix(key_prefix)}/{run_id}".encode()
+        self._codec = codec or StateCodec()
+        self._lease = AmortizedLease(client, ttl)
+
+    @property
+    def key(self) -> bytes:
+        """The etcd key that holds the state."""
+        return self._key
+
+    @property
+    def client(self) -> EtcdClient:
+        return self._client
+
+    @property
+    def lease(self) -> AmortizedLease:
+        return self._lease
+
+    def _deadline(self) -> Deadline:
+        return Deadline.after(self._client.config.read_timeout)
+
+    async def get_state(self) -> tuple[bytes, int] | None:
+        """Return ``(state, token)``, or ``None`` when no state exists.
+
+        One linearizable read; transient errors are retried within ``read_timeout``.
+
+        Raises:
+            EtcdConnectionError: etcd did not answer within ``read_timeout``.
+            EtcdStateError: the stored value cannot be decoded.
+        """
+        response = await self._client.get(self._key, self._deadline())
+        if not response.kvs:
+            return None
+        kv = response.kvs[0]
+        return self._codec.decode(kv.value, key=self._key), int(kv.mod_revision)
+
+    async def set_state(
+        self, state: bytes, token: Any | None = None
+    ) -> tuple[bytes, int, bool] | None:
+        """Write ``state`` if ``token`` is current; return the state etcd holds afterwards.
+
+        * token current (the key's ``mod_revision``): writes; ``(state, new_token, True)``.
+        * token stale: no write; ``(current_state, current_token, False)``.
+        * token ``None``: writes only if no state exists, else as stale.
+        * token not an int or an int-parsable string: no write, as stale.
+        * no state exists and token is not ``None``: ``None``.
+
+        Costs one ``Txn`` (compare ``mod_revision`` → ``Put``, else ``Range``): on conflict the
+        current state and token come from the same round trip. A Txn that fails ambiguously
+        (timeout, member lost) is never resent blindly: the key is read, and if it holds
+        exactly the bytes written (each write carries a random tag) the write succeeded;
+        if it still holds the expected revision the Txn is sent again, guarded by the same
+        compare; otherwise the write lost to another one. All within ``read_timeout``.
+
+        Raises:
+            TypeError: ``state`` is not bytes.
+            StateTooLargeError: ``state`` does not fit etcd's request limit (nothing sent).
+            EtcdConnectionError: etcd did not answer within ``read_timeout``.
+            EtcdStateError: the current stored value (on conflict) cannot be decoded.
+        """
+        value = self._codec.encode(state, key=self._key)
+        expected = _expected_revision(token)
+        if isinstance(expected, _Stale):
+            current = await self.get_state()
+            return None if current is None else (*current, False)
+        deadline = self._deadline()
+        while True:
+            if deadline.expired:
+                raise EtcdConnectionError(
+                    f"Writing the rendezvous state {self._key.decode()!r} did not complete within "
+                    f"{deadline.seconds:g} s (read_timeout) at {self._client.config.targets}; "
+                    "the last read showed it not applied."
+                )
+            lease_id = await self._lease.lease_id(deadline)
+            try:
+                response = await self._client.txn_once(
+                    self._cas_request(value, expected, lease_id), deadline,
+                    f"Writing the rendezvous state {self._key.decode()!r}",
+                )
+            except LeaseNotFound:
+                self._lease.discard(lease_id)
+                continue
+            except Unavailable as exc:
+                log.info("set_state outcome unknown (%s); reading to resolve it", exc)
+                outcome = await self._resolve_ambiguous(state, value, expected, deadline)
+                if outcome is _RETRY:
+                    continue
+                return outcome  # type: ignore[return-value]
+            if response.succeeded:
+                return bytes(state), int(response.header.revision), True
+            return self._on_conflict(state, value, response.responses[0].response_range.kvs)
+
+    def _cas_request(self, value: bytes, expected: int | None, lease_id: int) -> rpc.TxnRequest:
+        if expected is None:
+            compare = rpc.Compare(key=self._key, result=rpc.Compare.EQUAL,
+                                  target=rpc.Compare.CREATE, create_revision=0)
+        else:
+            compare = rpc.Compare(key=self._key, result=rpc.Compare.EQUAL,
+                                  target=rpc.Compare.MOD, mod_revision=expected)
+        return rpc.TxnRequest(
+            compare=[compare],
+            success=[rpc.RequestOp(
+                request_put=rpc.PutRequest(key=self._key, value=value, lease=lease_id))],
+            failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=self._key))],
+        )
+
+    def _on_conflict(
+        self, state: bytes, value: bytes, kvs: Any
+    ) -> tuple[bytes, int, bool] | None:
+        if not kvs:
+            return None
+        kv = kvs[0]
+        if kv.value == value:
+            # An earlier attempt of this very write landed (the tag makes it ours).
+            return bytes(state), int(kv.mod_revision), True
+        return self._codec.decode(kv.value, key=self._key), int(kv.mod_revision), False
+
+    async def _resolve_ambiguous(
+        self, state: bytes, value: bytes, expected: int | None, deadline: Deadline
+    ) -> object:
+        response = await self._client.get(self._key, deadline)
+        kv = response.kvs[0] if response.kvs else None
+        if kv is not None and kv.value == value:
+            return bytes(state), int(kv.mod_revision), True
+        current = int(kv.mod_revision) if kv is not None else 0
+        if (expected is None and kv is None) or expected == current:
+            return _RETRY  # not applied (yet); the compare still guards a resend
+        return self._on_conflict(state, value, [kv] if kv is not None else [])

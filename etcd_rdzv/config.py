@@ -1,0 +1,324 @@
+"""Configuration, parsed and validated once into frozen objects.
+
+Every option reaches etcd_rdzv either as a Python value or as a string from
+``torchrun --rdzv-conf key=value`` (torch's ``RendezvousParameters.config``). Both paths end
+in :meth:`RendezvousConfig.from_options`; nothing downstream reads raw options again. An
+invalid value raises :class:`ValueError` naming the option and the value.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "DEFAULT_KEY_PREFIX",
+    "DEFAULT_PORT",
+    "PASSWORD_ENV_VAR",
+    "Endpoint",
+    "EtcdConfig",
+    "RendezvousConfig",
+    "parse_endpoints",
+]
+
+DEFAULT_PORT = 2379
+DEFAULT_KEY_PREFIX = "/torch/elastic/rendezvous"
+DEFAULT_TTL = 7200
+DEFAULT_READ_TIMEOUT = 60.0
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_REQUEST_TIMEOUT = 5.0
+#: etcd's default ``--max-request-bytes`` (1.5 MiB).
+DEFAULT_MAX_REQUEST_BYTES = 1536 * 1024
+DEFAULT_COMPRESS_THRESHOLD = 16 * 1024
+#: The environment variable a password is read from when no ``password_file`` is given.
+PASSWORD_ENV_VAR = "ETCD_RDZV_PASSWORD"
+
+_HOST_PATTERN = re.compile(r"^[\w.-]+$")
+_IPV6_PATTERN = re.compile(r"^[0-9A-Fa-f:.]+(%[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One etcd member's client address."""
+
+    host: str
+    port: int = DEFAULT_PORT
+
+    @property
+    def is_ipv6(self) -> bool:
+        return ":" in self.host
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if self.is_ipv6 else f"{self.host}:{self.port}"
+
+
+def _parse_one_endpoint(text: str, whole: str) -> Endpoint:
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not _IPV6_PATTERN.match(host) or (rest and not rest.startswith(":")):
+            raise ValueError(
+                f"The endpoint {text!r} in endpoint={whole!r} is not a valid IPv6 endpoint; "
+                "write it as [address]:port."
+            )
+        port_text = rest[1:] if rest else None
+    elif text.count(":") > 1:
+        raise ValueError(
+            f"The endpoint {text!r} in endpoint={whole!r} looks like a bare IPv6 address; "
+            "write it as [address]:port."
+        )
+    else:
+        host, sep, port_text_or_empty = text.partition(":")
+        port_text = port_text_or_empty if sep else None
+        if not _HOST_PATTERN.match(host):
+            raise ValueError(
+                f"The hostname of the endpoint {text!r} in endpoint={whole!r} must be a "
+                "dot-separated list of labels, an IPv4 address, or an IPv6 address in brackets."
+            )
+    if port_text is None:
+        return Endpoint(host, DEFAULT_PORT)
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(
+            f"The port number of the endpoint {text!r} in endpoint={whole!r} must be an "
+            "integer between 1 and 65535."
+        )
+    return Endpoint(host, int(port_text))
+
+
+def parse_endpoints(endpoint: str | None) -> tuple[Endpoint, ...]:
+    """Parse ``host[:port]`` entries separated by commas; IPv6 as ``[addr]:port``.
+
+    An empty or missing endpoint means ``localhost:2379``, as in torch. Duplicates are dropped.
+    """
+    whole = (endpoint or "").strip()
+    if not whole:
+        return (Endpoint("localhost", DEFAULT_PORT),)
+    parsed: list[Endpoint] = []
+    for text in whole.split(","):
+        text = text.strip()
+        if not text:
+            raise ValueError(f"The endpoint list endpoint={whole!r} has an empty entry.")
+        one = _parse_one_endpoint(text, whole)
+        if one not in parsed:
+            parsed.append(one)
+    return tuple(parsed)
+
+
+def _positive_number(name: str, value: object, message: str | None = None) -> float:
+    """Return ``value`` as a positive finite float, or raise naming the option."""
+    lead = f"{message} " if message else ""
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{lead}The option {name} must be a positive number of seconds, "
+                         f"got {name}={value!r}.")
+    return number
+
+
+def _integer(name: str, value: object, *, minimum: int, message: str | None = None) -> int:
+    """Return ``value`` as an int of at least ``minimum``, or raise naming the option."""
+    lead = f"{message} " if message else ""
+    parsed: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        parsed = value
+    elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        parsed = int(value)
+    if parsed is None or parsed < minimum:
+        raise ValueError(f"{lead}The option {name} must be an integer of at least {minimum}, "
+                         f"got {name}={value!r}.")
+    return parsed
+
+
+def _readable_file(name: str, value: object) -> Path:
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise ValueError(f"The option {name} must be a file path, got {name}={value!r}.")
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        raise ValueError(f"The file given by {name}={str(value)!r} does not exist or is not a "
+                         "regular file.")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"The file given by {name}={str(value)!r} is not readable.")
+    return path
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    """How to reach etcd: endpoints, security and deadlines.
+
+    Timeouts, in seconds:
+
+    * ``read_timeout``: the deadline of one whole operation (a ``get_state``, a ``set_state``,
+      a store ``set``), retries included. Named after torch's ``etcd-v2`` option.
+    * ``request_timeout``: the deadline of one RPC attempt within it, so that a hung member
+      costs one attempt rather than the whole operation. Capped by what is left of
+      ``read_timeout``.
+    * ``connect_timeout``: how long :func:`create_backend` waits for etcd to answer before it
+      reports the endpoints unreachable (at most ``read_timeout``).
+    """
+
+    endpoints: tuple[Endpoint, ...] = (Endpoint("localhost", DEFAULT_PORT),)
+    protocol: Literal["http", "https"] = "http"
+    ca_cert: Path | None = None
+    ssl_cert: Path | None = None
+    ssl_cert_key: Path | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if not self.endpoints:
+            raise ValueError("The option endpoint must name at least one etcd endpoint.")
+        if self.protocol not in ("http", "https"):
+            raise ValueError(f"The protocol must be HTTP or HTTPS. Got protocol={self.protocol!r}.")
+        _positive_number("read_timeout", self.read_timeout)
+        _positive_number("request_timeout", self.request_timeout)
+        _positive_number("connect_timeout", self.connect_timeout)
+        if self.protocol == "http":
+            for name in ("ca_cert", "ssl_cert", "ssl_cert_key"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"The option {name}={str(getattr(self, name))!r} needs protocol=https; "
+                        "with protocol=http the connection would not be encrypted."
+                    )
+        if self.ssl_cert_key is not None and self.ssl_cert is None:
+            raise ValueError(
+                f"The option ssl_cert_key={str(self.ssl_cert_key)!r} needs ssl_cert as well."
+            )
+        if (self.username is None) != (self.password is None):
+            missing = "password (password_file or $" + PASSWORD_ENV_VAR + ")" \
+                if self.password is None else "username"
+            raise ValueError(f"Authentication needs both a username and a password; "
+                             f"{missing} is missing.")
+
+    @property
+    def targets(self) -> str:
+        """The endpoints as written in messages: ``h1:2379,h2:2379``."""
+        return ",".join(str(e) for e in self.endpoints)
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.protocol == "https"
+
+
+@dataclass(frozen=True)
+class RendezvousConfig:
+    """Everything :func:`etcd_rdzv.elastic.create_backend` needs, parsed from its parameters."""
+
+    etcd: EtcdConfig
+    run_id: str
+    key_prefix: str = DEFAULT_KEY_PREFIX
+    ttl: int = DEFAULT_TTL
+    compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+
+    #: The options this library reads; other keys in ``--rdzv-conf`` belong to torch's handler.
+    OPTIONS = (
+        "read_timeout", "request_timeout", "connect_timeout", "protocol", "ca_cert", "ssl_cert",
+        "ssl_cert_key", "username", "password_file", "key_prefix", "ttl", "compress_threshold",
+        "max_request_bytes",
+    )
+
+    @classmethod
+    def from_options(
+        cls, endpoint: str | None, run_id: str, options: Mapping[str, Any]
+    ) -> RendezvousConfig:
+        """Parse torch's ``RendezvousParameters`` (``endpoint``, ``run_id``, ``config``).
+
+        Raises:
+            ValueError: an option has an invalid value; the message names it and the value.
+        """
+        if "password" in options:
+            raise ValueError(
+                "The option password is not accepted: command lines are visible to every user "
+                f"of the machine. Use password_file=PATH or the {PASSWORD_ENV_VAR} environment "
+                "variable."
+            )
+        if not isinstance(run_id, str) or not run_id.strip():
+            raise ValueError(f"The run id must be a non-empty string, got run_id={run_id!r}.")
+
+        def get(name: str) -> Any:
+            value = options.get(name)
+            if isinstance(value, str):
+                value = value.strip()
+                return value if value else None
+            return value
+
+        protocol = get("protocol") or "http"
+        if not isinstance(protocol, str) or protocol.lower() not in ("http", "https"):
+            raise ValueError(f"The protocol must be HTTP or HTTPS. Got protocol={protocol!r}.")
+        read_timeout = get("read_timeout")
+        if read_timeout is not None:
+            read_timeout = _integer(
+                "read_timeout", read_timeout, minimum=1,
+                message="The read timeout must be a positive integer.",
+            )
+        tls_files = {
+            name: _readable_file(name, get(name)) if get(name) is not None else None
+            for name in ("ca_cert", "ssl_cert", "ssl_cert_key")
+        }
+        username = get("username")
+        password: str | None = None
+        password_file = get("password_file")
+        if password_file is not None:
+            password = _readable_file("password_file", password_file).read_text().rstrip("\r\n")
+            if not password:
+                raise ValueError(f"The file given by password_file={password_file!r} is empty.")
+        elif username is not None:
+            password = os.environ.get(PASSWORD_ENV_VAR) or None
+        if password is not None and username is None:
+            raise ValueError(f"A password was given (password_file or ${PASSWORD_ENV_VAR}) but "
+                             "no username; set username=NAME.")
+
+        def seconds(name: str, default: float) -> float:
+            value = get(name)
+            return default if value is None else _positive_number(name, value)
+
+        etcd = EtcdConfig(
+            endpoints=parse_endpoints(endpoint),
+            protocol=protocol.lower(),
+            username=username,
+            password=password,
+            read_timeout=float(read_timeout) if read_timeout is not None else DEFAULT_READ_TIMEOUT,
+            request_timeout=seconds("request_timeout", DEFAULT_REQUEST_TIMEOUT),
+            connect_timeout=seconds("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
+            **tls_files,
+        )
+        key_prefix = get("key_prefix")
+        ttl = get("ttl")
+        compress_threshold = get("compress_threshold")
+        max_request_bytes = get("max_request_bytes")
+        return cls(
+            etcd=etcd,
+            run_id=run_id,
+            key_prefix=DEFAULT_KEY_PREFIX if key_prefix is None else key_prefix,
+            ttl=DEFAULT_TTL if ttl is None else _integer("ttl", ttl, minimum=1),
+            compress_threshold=DEFAULT_COMPRESS_THRESHOLD if compress_threshold is None
+            else _integer("compress_threshold", compress_threshold, minimum=0),
+            max_request_bytes=DEFAULT_MAX_REQUEST_BYTES if max_request_bytes is None
+            else _integer("max_request_bytes", max_request_bytes, minimum=4096),
+        )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key_prefix", validate_key_prefix(self.key_prefix))
+        _integer("ttl", self.ttl, minimum=1)
+        _integer("compress_threshold", self.compress_threshold, minimum=0)
+        _integer("max_request_bytes", self.max_request_bytes, minimum=4096)
+
+
+def validate_key_prefix(key_prefix: object) -> str:
+    """Return the prefix without a trailing slash, or raise naming the value."""
+    if not isinstance(key_prefix, str) or not key_prefix.strip("/ ") or key_prefix != \
+            key_prefix.strip() or "\x00" in key_prefix:
+        raise ValueError(
+            "The option key_prefix must be a non-empty etcd key path such as "
+            f"{DEFAULT_KEY_PREFIX!r}, got key_prefix={key_prefix!r}."
+        )
+    return key_prefix.rstrip("/")
