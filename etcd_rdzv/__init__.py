@@ -1,0 +1,62 @@
+"""PyTorch elastic rendezvous over etcd v3.
+
+* :class:`AsyncEtcdRendezvousBackend`: the async core, no torch needed.
+* :class:`EtcdRendezvousBackend`, :class:`EtcdStore`, :func:`create_backend`: the torch face
+  (``pip install etcd-rdzv[torch]``).
+* ``torchrun --rdzv-backend=etcd-v3``: the plug-in, registered on install.
+
+Importing this package imports neither torch nor grpc: each name loads on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._connection import EtcdClient
+    from .backend import AsyncEtcdRendezvousBackend
+    from .codec import StateCodec
+    from .config import Endpoint, EtcdConfig, RendezvousConfig
+    from .elastic.backend import EtcdRendezvousBackend
+    from .elastic.plugin import create_backend, create_handler
+    from .elastic.store import EtcdStore
+    from .errors import (
+        EtcdAuthError,
+        EtcdConnectionError,
+        EtcdRendezvousError,
+        EtcdStateError,
+        StateTooLargeError,
+        StoreTimeoutError,
+    )
+    from .store import AsyncEtcdStore
+
+__version__ = "0.1.0"
+
+_WHERE = {
+    "AsyncEtcdRendezvousBackend": ".backend",
+    "AsyncEtcdStore": ".store",
+    "EtcdClient": "._connection",
+    "StateCodec": ".codec",
+    "Endpoint": ".config",
+    "EtcdConfig": ".config",
+    "RendezvousConfig": ".config",
+    "EtcdRendezvousBackend": ".elastic.backend",
+    "EtcdStore": ".elastic.store",
+    "create_backend": ".elastic.plugin",
+    "create_handler": ".elastic.plugin",
+    "EtcdAuthError": ".errors",
+    "EtcdConnectionError": ".errors",
+    "EtcdRendezvousError": ".errors",
+    "EtcdStateError": ".errors",
+    "StateTooLargeError": ".errors",
+    "StoreTimeoutError": ".errors",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -299,7 +299,7 @@ class EtcdClient:
             except Unavailable as exc:
                 if deadline.remaining() <= backoff:
                     raise Unavailable(
-                        f"{exc} Gave up after {deadline.seconds:g} s (read_timeout)."
+                        f"{exc} Gave up after {deadline.seconds:g} s."
                     ) from exc.__cause__
                 log.debug("retrying %s: %s", what, exc)
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
@@ -345,6 +345,33 @@ class EtcdClient:
             return await client.kvstub.Txn(request, timeout=timeout, metadata=client.metadata)
 
         return await self._retrying(what, call, deadline)
+
+    async def put(self, key: bytes, value: bytes, lease_id: int, deadline: Deadline) -> int:
+        """Write ``key`` (last writer wins) and return the new revision; retried.
+
+        A resend after a lost answer writes the same value again, which is harmless for a
+        last-writer-wins key. Not for compare-and-swap: see :meth:`txn_once`.
+        """
+        request = rpc.PutRequest(key=key, value=value, lease=lease_id)
+
+        async def call(client: _AetcdClient, timeout: float) -> int:
+            response = await client.kvstub.Put(request, timeout=timeout, metadata=client.metadata)
+            return int(response.header.revision)
+
+        return await self._retrying(f"Writing {key.decode(errors='replace')!r}", call, deadline)
+
+    async def delete(self, key: bytes, deadline: Deadline, *, prefix: bool = False) -> int:
+        """Delete ``key`` (or every key under it) and return how many keys went; retried."""
+        request = rpc.DeleteRangeRequest(
+            key=key, range_end=aetcd.utils.prefix_range_end(key) if prefix else b"")
+
+        async def call(client: _AetcdClient, timeout: float) -> int:
+            response = await client.kvstub.DeleteRange(
+                request, timeout=timeout, metadata=client.metadata
+            )
+            return int(response.deleted)
+
+        return await self._retrying(f"Deleting {key.decode(errors='replace')!r}", call, deadline)
 
     async def grant_lease(self, ttl: int, deadline: Deadline) -> int:
         """Grant a lease of ``ttl`` seconds and return its id.

@@ -13,6 +13,7 @@ __all__ = [
     "EtcdRendezvousError",
     "EtcdStateError",
     "StateTooLargeError",
+    "StoreTimeoutError",
 ]
 
 
@@ -38,3 +39,7 @@ class EtcdStateError(EtcdRendezvousError):
 
 class StateTooLargeError(EtcdStateError):
     """A state does not fit etcd's request size limit, even compressed. Nothing was sent."""
+
+
+class StoreTimeoutError(EtcdRendezvousError):
+    """A store ``get`` or ``wait`` ended before every key it waited for was set."""

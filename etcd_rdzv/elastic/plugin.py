@@ -1,0 +1,77 @@
+"""``create_backend`` and the torchrun plug-in ``--rdzv-backend=etcd-v3``.
+
+torch imports this module (through the ``torchrun.handlers`` entry point) whenever
+``torch.distributed.elastic.rendezvous`` is imported, so its top level imports nothing heavy:
+grpc and the core load when a handler is first created.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch.distributed import Store
+    from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousParameters
+
+    from .backend import EtcdRendezvousBackend
+
+__all__ = ["create_backend", "create_handler", "handler_factory"]
+
+
+def create_backend(params: RendezvousParameters) -> tuple[EtcdRendezvousBackend, Store]:
+    """Create the etcd-v3 backend and its store from torch's rendezvous parameters.
+
+    ``params.endpoint`` holds one or more ``host[:port]`` entries separated by commas (IPv6
+    as ``[addr]:port``, default port 2379). ``params.config`` takes torch's ``etcd-v2``
+    options (``read_timeout``, ``protocol``, ``ssl_cert``, ``ssl_cert_key``, ``ca_cert``, same
+    defaults) and ``key_prefix``, ``ttl``, ``username``, ``password_file``,
+    ``request_timeout``, ``connect_timeout``, ``compress_threshold``, ``max_request_bytes``:
+    see docs/configuration.md. The password comes from ``password_file`` or
+    ``$ETCD_RDZV_PASSWORD``, never from the command line.
+
+    Raises:
+        ValueError: an option is invalid; the message names it and its value.
+        RendezvousConnectionError: etcd did not answer within ``connect_timeout`` (at most
+            ``read_timeout``); the message names the endpoints.
+    """
+    from .._connection import Deadline, EtcdClient
+    from ..codec import StateCodec
+    from ..config import RendezvousConfig
+    from ..store import AsyncEtcdStore
+    from .backend import EtcdRendezvousBackend, run_for_torch
+    from .store import EtcdStore
+
+    config = RendezvousConfig.from_options(params.endpoint, params.run_id, params.config)
+    client = EtcdClient(config.etcd)
+    backend = EtcdRendezvousBackend(
+        client,
+        config.run_id,
+        key_prefix=config.key_prefix,
+        ttl=config.ttl,
+        codec=StateCodec(config.compress_threshold, config.max_request_bytes),
+    )
+    probe_seconds = min(config.etcd.connect_timeout, config.etcd.read_timeout)
+    run_for_torch(client.get(backend.async_backend.key, Deadline.after(probe_seconds)),
+                  probe_seconds)
+    store_prefix = f"{config.key_prefix}/{config.run_id}/store/".encode()
+    store = EtcdStore(AsyncEtcdStore(client, store_prefix, backend.async_backend.lease))
+    return backend, store
+
+
+def create_handler(params: RendezvousParameters) -> RendezvousHandler:
+    """torch's ``DynamicRendezvousHandler`` over the etcd-v3 backend and store.
+
+    Every handler option of torch (``join_timeout``, ``last_call_timeout``,
+    ``close_timeout``, ``heartbeat_timeout``, ``keep_alive_interval``,
+    ``keep_alive_max_attempt``) passes through ``params.config``, beside the backend's.
+    """
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous
+
+    backend, store = create_backend(params)
+    return dynamic_rendezvous.create_handler(store, backend, params)
+
+
+def handler_factory() -> Callable[[RendezvousParameters], RendezvousHandler]:
+    """The ``torchrun.handlers`` entry point: torch calls it and registers what it returns."""
+    return create_handler
