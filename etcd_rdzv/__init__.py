@@ -53,7 +53,25 @@ _WHERE = {
     "StoreTimeoutError": ".errors",
 }
 
-__all__ = sorted(_WHERE)
+__all__ = [
+    "AsyncEtcdRendezvousBackend",
+    "AsyncEtcdStore",
+    "Endpoint",
+    "EtcdAuthError",
+    "EtcdClient",
+    "EtcdConfig",
+    "EtcdConnectionError",
+    "EtcdRendezvousBackend",
+    "EtcdRendezvousError",
+    "EtcdStateError",
+    "EtcdStore",
+    "RendezvousConfig",
+    "StateCodec",
+    "StateTooLargeError",
+    "StoreTimeoutError",
+    "create_backend",
+    "create_handler",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -10,7 +10,7 @@ refreshed. This module owns that policy so that nothing else imports aetcd or gr
   is left of the operation's :class:`Deadline` (``read_timeout``).
 * **Retries.** Reads retry transient errors (UNAVAILABLE, DEADLINE_EXCEEDED) until the
   deadline. Writes are attempted once: :meth:`EtcdClient.txn_once` raises
-  :class:`Unavailable` and the caller resolves the ambiguity by reading.
+  :class:`UnavailableError` and the caller resolves the ambiguity by reading.
 * **Re-login.** An expired auth token (UNAUTHENTICATED) reconnects, which authenticates
   again, and repeats the attempt once: a rejected request was never applied.
 * **Errors.** gRPC status codes become :mod:`etcd_rdzv.errors` in one function.
@@ -35,7 +35,7 @@ from aetcd import rpc
 from .config import Endpoint, EtcdConfig
 from .errors import EtcdAuthError, EtcdConnectionError, EtcdRendezvousError
 
-__all__ = ["Deadline", "EtcdClient", "LeaseNotFound", "Unavailable"]
+__all__ = ["Deadline", "EtcdClient", "LeaseNotFoundError", "UnavailableError"]
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,14 @@ _RETRY_BACKOFF_INITIAL = 0.05
 _RETRY_BACKOFF_MAX = 0.5
 
 
-class Unavailable(EtcdConnectionError):
+class UnavailableError(EtcdConnectionError):
     """One attempt failed in a way that may pass (UNAVAILABLE, DEADLINE_EXCEEDED).
 
     For a write the outcome is unknown: it may have been applied.
     """
 
 
-class LeaseNotFound(EtcdConnectionError):
+class LeaseNotFoundError(EtcdConnectionError):
     """A write named a lease etcd does not have (expired, revoked, or lost in a restore).
 
     The write was not applied.
@@ -98,7 +98,7 @@ def _map_grpc_error(exc: grpc.aio.AioRpcError, what: str, targets: str) -> EtcdR
     """Turn a gRPC status into this project's error, naming what failed and where."""
     code, details = exc.code(), exc.details() or ""
     if code in _TRANSIENT_CODES:
-        return Unavailable(f"{what} failed: etcd at {targets} is unavailable ({code.name}: "
+        return UnavailableError(f"{what} failed: etcd at {targets} is unavailable ({code.name}: "
                            f"{details}).")
     if code == grpc.StatusCode.UNAUTHENTICATED or "authentication failed" in details:
         return EtcdAuthError(f"{what} failed: etcd at {targets} rejected the credentials "
@@ -107,7 +107,7 @@ def _map_grpc_error(exc: grpc.aio.AioRpcError, what: str, targets: str) -> EtcdR
         return EtcdAuthError(f"{what} failed: permission denied. The etcd user needs "
                              f"read-write access to this key prefix ({details}).")
     if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
-        return LeaseNotFound(f"{what} failed: {details}.")
+        return LeaseNotFoundError(f"{what} failed: {details}.")
     if "database space exceeded" in details:
         return EtcdConnectionError(
             f"{what} failed: etcd at {targets} is out of space (NOSPACE alarm: {details}). "
@@ -200,7 +200,7 @@ async def _resolve_target(endpoints: tuple[Endpoint, ...]) -> tuple[str, dict[st
             if entry not in addresses:
                 addresses.append(entry)
     if not addresses:
-        raise Unavailable("None of the etcd endpoints "
+        raise UnavailableError("None of the etcd endpoints "
                           f"{','.join(map(str, endpoints))} resolves to an address.")
     families = {family for family, _, _ in addresses}
     if families == {int(socket.AF_INET)}:
@@ -296,9 +296,9 @@ class EtcdClient:
         while True:
             try:
                 return await self._attempt(what, call, deadline)
-            except Unavailable as exc:
+            except UnavailableError as exc:
                 if deadline.remaining() <= backoff:
-                    raise Unavailable(
+                    raise UnavailableError(
                         f"{exc} Gave up after {deadline.seconds:g} s."
                     ) from exc.__cause__
                 log.debug("retrying %s: %s", what, exc)
@@ -331,7 +331,7 @@ class EtcdClient:
         """One attempt of a transaction.
 
         Raises:
-            Unavailable: the outcome is unknown; resolve it by reading, never by resending.
+            UnavailableError: the outcome is unknown; resolve it by reading, never by resending.
         """
         async def call(client: _AetcdClient, timeout: float) -> rpc.TxnResponse:
             return await client.kvstub.Txn(request, timeout=timeout, metadata=client.metadata)

@@ -8,7 +8,7 @@ from typing import Any, Final
 
 from aetcd import rpc
 
-from ._connection import Deadline, EtcdClient, LeaseNotFound, Unavailable
+from ._connection import Deadline, EtcdClient, LeaseNotFoundError, UnavailableError
 from ._lease import AmortizedLease
 from .codec import StateCodec
 from .config import DEFAULT_KEY_PREFIX, DEFAULT_TTL, validate_key_prefix
@@ -29,7 +29,7 @@ _STALE: Final = _Stale()
 _RETRY: Final = object()
 
 
-def _expected_revision(token: Any) -> int | None | _Stale:
+def _expected_revision(token: Any) -> int | _Stale | None:
     """``None`` for "create only", the revision a token names, or :data:`_STALE`."""
     if token is None:
         return None
@@ -151,10 +151,10 @@ class AsyncEtcdRendezvousBackend:
                     self._cas_request(value, expected, lease_id), deadline,
                     f"Writing the rendezvous state {self._key.decode()!r}",
                 )
-            except LeaseNotFound:
+            except LeaseNotFoundError:
                 self._lease.discard(lease_id)
                 continue
-            except Unavailable as exc:
+            except UnavailableError as exc:
                 log.info("set_state outcome unknown (%s); reading to resolve it", exc)
                 outcome = await self._resolve_ambiguous(state, value, expected, deadline)
                 if outcome is _RETRY:

@@ -254,6 +254,7 @@ class RendezvousConfig:
         protocol = get("protocol") or "http"
         if not isinstance(protocol, str) or protocol.lower() not in ("http", "https"):
             raise ValueError(f"The protocol must be HTTP or HTTPS. Got protocol={protocol!r}.")
+        scheme: Literal["http", "https"] = "https" if protocol.lower() == "https" else "http"
         read_timeout = get("read_timeout")
         if read_timeout is not None:
             read_timeout = _integer(
@@ -283,7 +284,7 @@ class RendezvousConfig:
 
         etcd = EtcdConfig(
             endpoints=parse_endpoints(endpoint),
-            protocol=protocol.lower(),
+            protocol=scheme,
             username=username,
             password=password,
             read_timeout=float(read_timeout) if read_timeout is not None else DEFAULT_READ_TIMEOUT,

@@ -7,7 +7,7 @@ import time
 
 from aetcd import rpc
 
-from ._connection import Deadline, EtcdClient, LeaseNotFound, Unavailable
+from ._connection import Deadline, EtcdClient, LeaseNotFoundError, UnavailableError
 from ._lease import AmortizedLease
 from .errors import EtcdConnectionError, StoreTimeoutError
 
@@ -67,7 +67,7 @@ class AsyncEtcdStore:
             try:
                 await self._client.put(full_key, data, lease_id, deadline)
                 return
-            except LeaseNotFound:
+            except LeaseNotFoundError:
                 self._lease.discard(lease_id)
 
     async def get(self, key: str | bytes, timeout: float) -> bytes:
@@ -140,10 +140,10 @@ class AsyncEtcdStore:
             )
             try:
                 txn = await self._client.txn_once(request, deadline, f"Adding to {full_key!r}")
-            except LeaseNotFound:
+            except LeaseNotFoundError:
                 self._lease.discard(lease_id)
                 continue
-            except Unavailable as exc:
+            except UnavailableError as exc:
                 check = await self._client.get(full_key, deadline)
                 now = check.kvs[0] if check.kvs else None
                 if (int(now.mod_revision) if now else 0) == revision:

@@ -174,7 +174,7 @@ async def test_conflict_returns_state_and_token_from_the_same_round_trip(
     backend: ContractBackend, etcd_client: EtcdClient
 ) -> None:
     _, token1, _ = await backend.must_set(b"x")
-    _, token2, _ = await backend.must_set(b"y", token1)
+    await backend.must_set(b"y", token1)
     state, token, has_set = await backend.must_set(b"z", token1)
     kv = await raw_get(etcd_client, backend.key)
     assert (state, token, has_set) == (b"y", kv.mod_revision, False)

@@ -83,8 +83,10 @@ def test_bad_endpoints_are_named(endpoint: str, message: str) -> None:
         ({"ttl": "0"}, r"ttl must be an integer of at least 1, got ttl='0'"),
         ({"ttl": "2h"}, r"ttl must be an integer of at least 1, got ttl='2h'"),
         ({"key_prefix": "/"}, r"key_prefix must be a non-empty etcd key path.*key_prefix='/'"),
-        ({"compress_threshold": "-1"}, r"compress_threshold must be .* got compress_threshold='-1'"),
-        ({"max_request_bytes": "100"}, r"max_request_bytes must be .*4096, got max_request_bytes='100'"),
+        ({"compress_threshold": "-1"},
+         r"compress_threshold must be .* got compress_threshold='-1'"),
+        ({"max_request_bytes": "100"},
+         r"max_request_bytes must be .*4096, got max_request_bytes='100'"),
         ({"request_timeout": "0"}, r"request_timeout must be a positive number .*'0'"),
         ({"request_timeout": "nan"}, r"request_timeout must be a positive number .*'nan'"),
         ({"connect_timeout": "-1"}, r"connect_timeout must be a positive number .*'-1'"),
@@ -114,14 +116,14 @@ def test_tls_files_need_https(tmp_path: Path) -> None:
 def test_ssl_cert_key_needs_ssl_cert(tmp_path: Path) -> None:
     key = tmp_path / "k.pem"
     key.write_text("x")
-    with pytest.raises(ValueError, match="ssl_cert_key=.* needs ssl_cert"):
+    with pytest.raises(ValueError, match=r"ssl_cert_key=.* needs ssl_cert"):
         parse(protocol="https", ssl_cert_key=str(key))
 
 
 def test_unreadable_tls_file_is_named(tmp_path: Path) -> None:
     directory = tmp_path / "dir.pem"
     directory.mkdir()
-    with pytest.raises(ValueError, match="ca_cert=.*dir.pem' does not exist or is not a regular"):
+    with pytest.raises(ValueError, match=r"ca_cert=.*dir.pem' does not exist or is not a regular"):
         parse(protocol="https", ca_cert=str(directory))
 
 
@@ -136,7 +138,7 @@ def test_password_comes_from_a_file(tmp_path: Path) -> None:
 def test_empty_password_file_is_refused(tmp_path: Path) -> None:
     secret = tmp_path / "pw"
     secret.write_text("\n")
-    with pytest.raises(ValueError, match="password_file=.* is empty"):
+    with pytest.raises(ValueError, match=r"password_file=.* is empty"):
         parse(username="alice", password_file=str(secret))
 
 

@@ -126,7 +126,7 @@ def test_get_waits_for_store_prefix_key(endpoint: str) -> None:
     getter.join(timeout=1.0)
     assert getter.is_alive()
     key_set.set()
-    store.set(RendezvousStoreInfo.MASTER_ADDR_KEY, b"foo")
+    store.set(RendezvousStoreInfo.MASTER_ADDR_KEY, "foo")
     getter.join(timeout=10)
     assert not getter.is_alive()
     assert result == {"value": b"foo", "set_before_return": True}

@@ -178,7 +178,7 @@ async def test_abandoned_state_expires_after_its_ttl(
 async def test_a_revoked_lease_is_replaced_transparently(
     backend: AsyncEtcdRendezvousBackend, etcd_client: EtcdClient
 ) -> None:
-    _, token, _ = await backend.set_state(b"x") or (b"", 0, False)
+    await backend.set_state(b"x")
     response = await etcd_client.get(backend.key, Deadline.after(5))
     old_lease = int(response.kvs[0].lease)
     await revoke(etcd_client, old_lease)  # the key goes with it

@@ -76,7 +76,9 @@ class EtcdRendezvousBackend(RendezvousBackend):
     def get_state(self) -> tuple[bytes, Token] | None:
         return self._run(self._async.get_state())
 
-    def set_state(self, state: bytes, token: Token | None = None) -> tuple[bytes, Token, bool] | None:
+    def set_state(
+        self, state: bytes, token: Token | None = None
+    ) -> tuple[bytes, Token, bool] | None:
         return self._run(self._async.set_state(state, token))
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from torch.distributed import Store
+    from torch._C._distributed_c10d import Store
     from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousParameters
 
     from .backend import EtcdRendezvousBackend

@@ -6,7 +6,8 @@ import datetime
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from torch.distributed import DistStoreError, Store
+from torch._C._distributed_c10d import Store
+from torch.distributed import DistStoreError
 
 from ..errors import StoreTimeoutError
 from ..store import AsyncEtcdStore
@@ -19,7 +20,7 @@ T = TypeVar("T")
 _DEFAULT_TIMEOUT = datetime.timedelta(seconds=300)
 
 
-class EtcdStore(Store):  # type: ignore[misc]
+class EtcdStore(Store):
     """torch's ``Store`` over etcd, keys namespaced per run; blocking calls wait on watches.
 
     ``get`` and ``wait`` wait up to the store's timeout (``set_timeout``, default 300 s) and
@@ -44,7 +45,9 @@ class EtcdStore(Store):  # type: ignore[misc]
             raise DistStoreError(str(exc)) from exc
 
     def _timeout_seconds(self, override: datetime.timedelta | None = None) -> float:
-        timeout = override if override is not None else self.timeout
+        # torch's stubs omit the C++ ``timeout`` property, which set_timeout() updates.
+        timeout: datetime.timedelta = override if override is not None \
+            else self.timeout  # type: ignore[attr-defined]
         return float(timeout.total_seconds())
 
     def set(self, key: str, value: str | bytes) -> None:

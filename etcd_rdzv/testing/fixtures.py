@@ -1,4 +1,4 @@
-"""pytest fixtures over a real etcd. Enable with ``pytest_plugins = ["etcd_rdzv.testing.fixtures"]``.
+"""pytest fixtures over a real etcd; enable with `pytest_plugins = ["etcd_rdzv.testing.fixtures"]`.
 
 * ``etcd_server``: one :class:`~etcd_rdzv.testing.EtcdServer` for the session.
 * ``key_prefix``: a fresh key prefix per test, so tests sharing the server never collide.
