@@ -52,6 +52,12 @@ _CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 )
+#: The process whose gRPC asyncio stack is initialised (a channel was opened), if any.
+_grpc_process: int | None = None
+#: Clients a forked child inherited. Kept alive on purpose: freeing a gRPC channel shuts
+#: down its connection, which the child shares with the parent.
+_inherited_clients: list[object] = []
+
 _TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 _RETRY_BACKOFF_INITIAL = 0.05
 _RETRY_BACKOFF_MAX = 0.5
@@ -250,11 +256,22 @@ class EtcdClient:
             await client.close()
 
     async def _connected(self) -> _AetcdClient:
+        global _grpc_process
         if self._pid != os.getpid():
             # A forked child: the parent's channel and loop are not ours to use or close.
+            _inherited_clients.append(self._client)
             self._pid, self._client, self._connect_lock = os.getpid(), None, None
         if self._client is not None:
             return self._client
+        if _grpc_process not in (None, os.getpid()):
+            # gRPC's asyncio stack does not survive fork: in the child its poller thread is
+            # gone, calls never complete, and the shared descriptors stall the parent too.
+            raise EtcdConnectionError(
+                "etcd_rdzv cannot connect from a process forked after its parent used etcd: "
+                "gRPC's asyncio stack does not survive fork(). Start such processes with the "
+                "'spawn' or 'forkserver' multiprocessing method (torchrun's default is spawn)."
+            )
+        _grpc_process = os.getpid()
         if self._connect_lock is None:
             self._connect_lock = asyncio.Lock()
         async with self._connect_lock:

@@ -115,7 +115,8 @@ class AsyncEtcdRendezvousBackend:
 
         * token current (the key's ``mod_revision``): writes; ``(state, new_token, True)``.
         * token stale: no write; ``(current_state, current_token, False)``.
-        * token ``None``: writes only if no state exists, else as stale.
+        * token ``None`` (or 0, as in torch's etcd-v2 backend): writes only if no state
+          exists, else as stale.
         * token not an int or an int-parsable string: no write, as stale.
         * no state exists and token is not ``None``: ``None``.
 

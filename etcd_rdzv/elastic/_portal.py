@@ -24,6 +24,8 @@ class Portal:
 
     _current: ClassVar[Portal | None] = None
     _lock: ClassVar[threading.Lock] = threading.Lock()
+    #: Portals inherited through fork; never freed, since their loop's resources are shared.
+    _inherited: ClassVar[list[Portal]] = []
 
     def __init__(self) -> None:
         self._pid = os.getpid()
@@ -48,6 +50,8 @@ class Portal:
     def _forget_after_fork(cls) -> None:
         # The lock may have been held by another parent thread at fork time.
         cls._lock = threading.Lock()
+        if cls._current is not None:
+            cls._inherited.append(cls._current)
         cls._current = None
 
     def run(self, coroutine: Coroutine[Any, Any, T], timeout: float) -> T:
