@@ -331,11 +331,11 @@ class EtcdClient:
 
         return await self._retrying(f"Reading {key.decode(errors='replace')!r}", call, deadline)
 
-    async def get_prefix(self, prefix: bytes, deadline: Deadline, *,
-                         count_only: bool = False) -> rpc.RangeResponse:
+    async def get_prefix(self, prefix: bytes, deadline: Deadline, *, count_only: bool = False,
+                         keys_only: bool = False) -> rpc.RangeResponse:
         """A linearizable read of every key under ``prefix``, retried within ``deadline``."""
         request = rpc.RangeRequest(key=prefix, range_end=aetcd.utils.prefix_range_end(prefix),
-                                   count_only=count_only)
+                                   count_only=count_only, keys_only=keys_only)
 
         async def call(client: _AetcdClient, timeout: float) -> rpc.RangeResponse:
             return await client.kvstub.Range(request, timeout=timeout, metadata=client.metadata)

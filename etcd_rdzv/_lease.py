@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
-from ._connection import Deadline, EtcdClient
+from ._connection import Deadline, EtcdClient, LeaseNotFoundError
+
+T = TypeVar("T")
 
 __all__ = ["AmortizedLease", "lease_window"]
 
@@ -50,6 +54,16 @@ class AmortizedLease:
                 self._lease_id = await self._client.grant_lease(self.ttl + self.window, deadline)
                 self._granted_at = sent_at
             return self._lease_id
+
+    async def write(self, call: Callable[[int], Awaitable[T]], deadline: Deadline) -> T:
+        """Run ``call(lease_id)``; if etcd no longer has that lease (a restore, a revoke),
+        grant another and run it again: a write naming a missing lease is never applied."""
+        while True:
+            lease_id = await self.lease_id(deadline)
+            try:
+                return await call(lease_id)
+            except LeaseNotFoundError:
+                self.discard(lease_id)
 
     def discard(self, lease_id: int) -> None:
         """Stop using ``lease_id`` (etcd reported it gone, e.g. after a restore)."""

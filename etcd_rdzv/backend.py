@@ -8,7 +8,7 @@ from typing import Any, Final
 
 from aetcd import rpc
 
-from ._connection import Deadline, EtcdClient, LeaseNotFoundError, UnavailableError
+from ._connection import Deadline, EtcdClient, UnavailableError
 from ._lease import AmortizedLease
 from .codec import StateCodec
 from .config import DEFAULT_KEY_PREFIX, DEFAULT_TTL, validate_key_prefix
@@ -146,15 +146,14 @@ class AsyncEtcdRendezvousBackend:
                     f"{deadline.seconds:g} s (read_timeout) at {self._client.config.targets}; "
                     "the last read showed it not applied."
                 )
-            lease_id = await self._lease.lease_id(deadline)
             try:
-                response = await self._client.txn_once(
-                    self._cas_request(value, expected, lease_id), deadline,
-                    f"Writing the rendezvous state {self._key.decode()!r}",
+                response = await self._lease.write(
+                    lambda lease_id: self._client.txn_once(
+                        self._cas_request(value, expected, lease_id), deadline,
+                        f"Writing the rendezvous state {self._key.decode()!r}",
+                    ),
+                    deadline,
                 )
-            except LeaseNotFoundError:
-                self._lease.discard(lease_id)
-                continue
             except UnavailableError as exc:
                 log.info("set_state outcome unknown (%s); reading to resolve it", exc)
                 outcome = await self._resolve_ambiguous(state, value, expected, deadline)

@@ -1,19 +1,30 @@
-"""A key-value store for one rendezvous run, with blocking reads that wait on watches."""
+"""A key-value store for one rendezvous run, with blocking reads that wait on watches.
+
+Semantics follow torch's ``TCPStore`` (the default c10d store), so that code written against
+it behaves the same here; ``tests/test_store_parity.py`` runs one suite against both.
+"""
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from aetcd import rpc
 
-from ._connection import Deadline, EtcdClient, LeaseNotFoundError, UnavailableError
+from ._connection import Deadline, EtcdClient, UnavailableError
 from ._lease import AmortizedLease
 from .errors import EtcdConnectionError, StoreTimeoutError
 
-__all__ = ["AsyncEtcdStore"]
+__all__ = ["MAX_TXN_OPS", "AsyncEtcdStore"]
+
+#: etcd's default ``--max-txn-ops``: a Txn of more operations is refused.
+MAX_TXN_OPS = 128
 
 _DECIMAL = re.compile(rb"\s*[+-]?\d+\s*")
+
+Keys = Sequence[str] | Sequence[bytes] | Sequence[str | bytes]
 
 
 def _to_bytes(name: str, value: str | bytes) -> bytes:
@@ -24,16 +35,20 @@ def _to_bytes(name: str, value: str | bytes) -> bytes:
     raise TypeError(f"A store {name} must be str or bytes, got {type(value).__name__}.")
 
 
+def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
+    return [items[i:i + MAX_TXN_OPS] for i in range(0, len(items), MAX_TXN_OPS)] or [items]
+
+
 class AsyncEtcdStore:
     """Keys under ``prefix`` (``<key_prefix>/<run_id>/store/``), each written with a lease.
 
-    Values are bytes (str is UTF-8 encoded). ``get`` and ``wait`` block on an etcd watch, never
-    on polling. Every call's deadline is the client's ``read_timeout`` except the blocking
-    ones, which take their own ``timeout``.
+    Values are bytes (str is UTF-8 encoded). ``get``, ``wait`` and ``multi_get`` block on an
+    etcd watch, never on polling, for up to their ``timeout``; every other call is bounded by
+    the client's ``read_timeout``.
 
     Args:
         client: the connection to etcd.
-        prefix: the key prefix of this store, ending in ``/``.
+        prefix: the key prefix of this store; a ``/`` is added if missing.
         lease: keeps the keys alive for its ttl after their last write; shared with the
             backend so that a run's keys go together.
     """
@@ -56,114 +71,225 @@ class AsyncEtcdStore:
     def _key(self, key: str | bytes) -> bytes:
         return self._prefix + _to_bytes("key", key)
 
+    def _name(self, full_key: bytes) -> str:
+        return full_key.removeprefix(self._prefix).decode(errors="replace")
+
     def _deadline(self) -> Deadline:
         return Deadline.after(self._client.config.read_timeout)
 
     async def set(self, key: str | bytes, value: str | bytes) -> None:
-        """Write ``key`` (last writer wins)."""
+        """Write ``key`` (last writer wins). One round trip."""
         full_key, data, deadline = self._key(key), _to_bytes("value", value), self._deadline()
+        await self._lease.write(
+            lambda lease_id: self._client.put(full_key, data, lease_id, deadline), deadline
+        )
+
+    async def multi_set(self, keys: Keys, values: Sequence[str | bytes]) -> None:
+        """Write several keys in one ``Txn`` (one per 128 keys, etcd's limit per Txn).
+
+        A key given twice takes its last value. Each Txn is atomic, a split batch is not.
+        """
+        if len(keys) != len(values):
+            raise ValueError(f"multi_set needs as many values as keys, got {len(keys)} keys "
+                             f"and {len(values)} values.")
+        latest = {self._key(k): _to_bytes("value", v) for k, v in zip(keys, values, strict=True)}
+        deadline = self._deadline()
+        for chunk in _chunks(list(latest.items())):
+            await self._lease.write(
+                lambda lease_id, chunk=chunk: self._client.txn_idempotent(  # type: ignore[misc]
+                    rpc.TxnRequest(success=[
+                        rpc.RequestOp(request_put=rpc.PutRequest(key=k, value=v, lease=lease_id))
+                        for k, v in chunk
+                    ]),
+                    deadline, f"Writing {len(chunk)} store keys",
+                ),
+                deadline,
+            )
+
+    async def _read_many(self, keys: Sequence[bytes]) -> tuple[list[bytes | None], int]:
+        """The values of ``keys`` (None where absent) and the revision they were read at."""
+        deadline = self._deadline()
+        values: list[bytes | None] = []
+        revision = 0
+        for chunk in _chunks(keys):
+            response = await self._client.txn_idempotent(
+                rpc.TxnRequest(success=[
+                    rpc.RequestOp(request_range=rpc.RangeRequest(key=k)) for k in chunk
+                ]),
+                deadline, f"Reading {len(chunk)} store keys",
+            )
+            revision = int(response.header.revision)
+            for op in response.responses:
+                kvs = op.response_range.kvs
+                values.append(bytes(kvs[0].value) if kvs else None)
+        return values, revision
+
+    async def _wait_for(self, keys: Sequence[bytes], timeout: float) -> list[bytes]:
+        """The values of ``keys`` once all are set; each check is one read, each wait a watch."""
+        started = time.monotonic()
         while True:
-            lease_id = await self._lease.lease_id(deadline)
-            try:
-                await self._client.put(full_key, data, lease_id, deadline)
-                return
-            except LeaseNotFoundError:
-                self._lease.discard(lease_id)
+            values, revision = await self._read_many(keys)
+            missing = [key for key, value in zip(keys, values, strict=True) if value is None]
+            if not missing:
+                return [value for value in values if value is not None]
+            remaining = timeout - (time.monotonic() - started)
+            if remaining <= 0:
+                raise StoreTimeoutError(
+                    f"Timed out after {timeout:g} s waiting for the store keys "
+                    f"{[self._name(k) for k in missing]} "
+                    f"(under {self._prefix.decode(errors='replace')!r})."
+                )
+            # Watching from the revision just read: no write can slip in between.
+            await self._client.next_change(missing[0], revision + 1, remaining)
 
     async def get(self, key: str | bytes, timeout: float) -> bytes:
-        """Return the value of ``key``, waiting up to ``timeout`` s for it to be set.
+        """The value of ``key``, waiting up to ``timeout`` s for it to be set.
 
         Raises:
-            StoreTimeoutError: the key was not set within ``timeout``.
-            EtcdConnectionError: etcd did not answer.
+            StoreTimeoutError: the key was not set within ``timeout``; names the key.
         """
-        values = await self._wait_for([self._key(key)], timeout)
-        return values[0]
+        return (await self._wait_for([self._key(key)], timeout))[0]
 
-    async def wait(self, keys: list[str | bytes] | list[str] | list[bytes], timeout: float) -> None:
-        """Return once every key in ``keys`` is set; raise :class:`StoreTimeoutError` after
-        ``timeout`` s."""
-        await self._wait_for([self._key(key) for key in keys], timeout)
+    async def multi_get(self, keys: Keys, timeout: float) -> list[bytes]:
+        """The values of ``keys``, in order, waiting up to ``timeout`` s for all to be set.
 
-    async def _wait_for(self, keys: list[bytes], timeout: float) -> list[bytes]:
-        started = time.monotonic()
-        values: list[bytes] = []
-        for key in keys:
-            while True:
-                response = await self._client.get(key, self._deadline())
-                if response.kvs:
-                    values.append(bytes(response.kvs[0].value))
-                    break
-                remaining = timeout - (time.monotonic() - started)
-                if remaining <= 0:
-                    missing = [k.removeprefix(self._prefix).decode(errors="replace")
-                               for k in keys[len(values):]]
-                    raise StoreTimeoutError(
-                        f"Timed out after {timeout:g} s waiting for the store keys {missing} "
-                        f"(under {self._prefix.decode(errors='replace')!r})."
-                    )
-                # The watch starts right after the revision read: no write can slip between.
-                await self._client.next_change(key, int(response.header.revision) + 1, remaining)
-        return values
+        Raises:
+            StoreTimeoutError: some key was not set within ``timeout``; names the missing ones.
+        """
+        return await self._wait_for([self._key(k) for k in keys], timeout)
 
-    async def check(self, keys: list[str | bytes] | list[str] | list[bytes]) -> bool:
-        """True when every key in ``keys`` is set now (one round trip)."""
-        request = rpc.TxnRequest(success=[
-            rpc.RequestOp(request_range=rpc.RangeRequest(key=self._key(k), count_only=True))
-            for k in keys
-        ])
-        response = await self._client.txn_idempotent(request, self._deadline(), "Checking keys")
-        return all(op.response_range.count > 0 for op in response.responses)
+    async def wait(self, keys: Keys, timeout: float) -> None:
+        """Return once every key in ``keys`` is set.
+
+        Raises:
+            StoreTimeoutError: some key was not set within ``timeout``; names the missing ones.
+        """
+        await self._wait_for([self._key(k) for k in keys], timeout)
+
+    async def check(self, keys: Keys) -> bool:
+        """True when every key in ``keys`` is set now. One read, no waiting."""
+        values, _ = await self._read_many([self._key(k) for k in keys])
+        return all(value is not None for value in values)
+
+    async def compare_set(
+        self, key: str | bytes, expected: str | bytes, desired: str | bytes
+    ) -> bytes:
+        """Set ``key`` to ``desired`` if it holds ``expected``; return what it holds after.
+
+        As ``TCPStore``: an empty ``expected`` means "only if absent". When the swap does not
+        happen the current value is returned, or ``expected`` if the key is absent. One
+        ``Txn`` per attempt; an ambiguous attempt is resolved by reading (the answer is the
+        current value either way) and resent only if the key still holds ``expected``.
+        """
+        full_key = self._key(key)
+        old, new = _to_bytes("expected value", expected), _to_bytes("desired value", desired)
+        if old:
+            compare = rpc.Compare(key=full_key, result=rpc.Compare.EQUAL,
+                                  target=rpc.Compare.VALUE, value=old)
+        else:
+            compare = rpc.Compare(key=full_key, result=rpc.Compare.EQUAL,
+                                  target=rpc.Compare.CREATE, create_revision=0)
+        deadline = self._deadline()
+
+        def request(lease_id: int) -> rpc.TxnRequest:
+            return rpc.TxnRequest(
+                compare=[compare],
+                success=[rpc.RequestOp(
+                    request_put=rpc.PutRequest(key=full_key, value=new, lease=lease_id))],
+                failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=full_key))],
+            )
+
+        while True:
+            try:
+                response = await self._lease.write(
+                    lambda lease_id: self._client.txn_once(
+                        request(lease_id), deadline, f"compare_set on {self._name(full_key)!r}"),
+                    deadline,
+                )
+            except UnavailableError as exc:
+                current, _ = await self._read_many([full_key])
+                unchanged = current[0] == old if old else current[0] is None
+                if not unchanged:
+                    return current[0] if current[0] is not None else old
+                if deadline.expired:
+                    raise EtcdConnectionError(
+                        f"compare_set on {self._name(full_key)!r} has an unknown outcome: etcd "
+                        f"did not confirm it within {deadline.seconds:g} s."
+                    ) from exc
+                continue  # not applied (yet): the compare still guards a resend
+            if response.succeeded:
+                return new
+            kvs = response.responses[0].response_range.kvs
+            return bytes(kvs[0].value) if kvs else old
 
     async def add(self, key: str | bytes, amount: int) -> int:
         """Add ``amount`` to the decimal integer at ``key`` (absent counts as 0); return it.
 
-        Each attempt is one compare-and-swap ``Txn`` whose failure branch returns the current
-        value for the next attempt. A Txn with an unknown outcome is resent only if a read
-        shows the key unchanged; otherwise :class:`EtcdConnectionError` is raised rather than
-        risk adding twice.
+        Raises:
+            ValueError: the key holds something other than a decimal integer.
+            EtcdConnectionError: the outcome is unknown (see :meth:`_update`).
         """
-        full_key, deadline = self._key(key), self._deadline()
+        full_key = self._key(key)
+
+        def increment(value: bytes | None) -> bytes:
+            if value is not None and not _DECIMAL.fullmatch(value):
+                raise ValueError(f"The store key {self._name(full_key)!r} holds {value!r}, "
+                                 "not a decimal integer; add() cannot increment it.")
+            return str(int(value or b"0") + amount).encode()
+
+        return int(await self._update(full_key, increment, f"Adding {amount} to"))
+
+    async def append(self, key: str | bytes, value: str | bytes) -> None:
+        """Append ``value`` to the bytes at ``key`` (absent counts as empty)."""
+        suffix = _to_bytes("value", value)
+        await self._update(self._key(key), lambda current: (current or b"") + suffix,
+                           "Appending to")
+
+    async def _update(
+        self, full_key: bytes, transform: Callable[[bytes | None], bytes], what: str
+    ) -> bytes:
+        """Read-modify-write ``full_key`` with compare-and-swap; return the value written.
+
+        Each attempt is one ``Txn`` whose failure branch reads the value for the next one.
+        An attempt with an unknown outcome is resent only if a read shows the key unchanged;
+        otherwise :class:`EtcdConnectionError` is raised rather than risk applying it twice.
+        """
+        deadline = self._deadline()
         response = await self._client.get(full_key, deadline)
         kv = response.kvs[0] if response.kvs else None
         while True:
-            current = self._as_int(full_key, kv.value if kv else b"0")
-            revision = int(kv.mod_revision) if kv else 0
-            new_value = str(current + amount).encode()
-            lease_id = await self._lease.lease_id(deadline)
-            request = rpc.TxnRequest(
-                compare=[rpc.Compare(key=full_key, result=rpc.Compare.EQUAL,
-                                     target=rpc.Compare.MOD, mod_revision=revision)],
-                success=[rpc.RequestOp(request_put=rpc.PutRequest(
-                    key=full_key, value=new_value, lease=lease_id))],
-                failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=full_key))],
-            )
+            revision = int(kv.mod_revision) if kv is not None else 0
+            new_value = transform(bytes(kv.value) if kv is not None else None)
+
+            def request(lease_id: int, revision: int = revision,
+                        new_value: bytes = new_value) -> rpc.TxnRequest:
+                return rpc.TxnRequest(
+                    compare=[rpc.Compare(key=full_key, result=rpc.Compare.EQUAL,
+                                         target=rpc.Compare.MOD, mod_revision=revision)],
+                    success=[rpc.RequestOp(request_put=rpc.PutRequest(
+                        key=full_key, value=new_value, lease=lease_id))],
+                    failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=full_key))],
+                )
+
             try:
-                txn = await self._client.txn_once(request, deadline, f"Adding to {full_key!r}")
-            except LeaseNotFoundError:
-                self._lease.discard(lease_id)
-                continue
+                txn = await self._lease.write(
+                    lambda lease_id: self._client.txn_once(
+                        request(lease_id), deadline, f"{what} {self._name(full_key)!r}"),
+                    deadline,
+                )
             except UnavailableError as exc:
                 check = await self._client.get(full_key, deadline)
                 now = check.kvs[0] if check.kvs else None
-                if (int(now.mod_revision) if now else 0) == revision:
+                if (int(now.mod_revision) if now is not None else 0) == revision:
                     continue
                 raise EtcdConnectionError(
-                    f"Adding {amount} to {full_key.decode(errors='replace')!r} has an unknown "
-                    "outcome: the key changed while etcd was unavailable. Not retried, so as "
-                    "not to add twice."
+                    f"{what} {self._name(full_key)!r} has an unknown outcome: the key changed "
+                    "while etcd was unavailable. Not retried, so as not to apply it twice."
                 ) from exc
             if txn.succeeded:
-                return current + amount
+                return new_value
             kvs = txn.responses[0].response_range.kvs
             kv = kvs[0] if kvs else None
-
-    @staticmethod
-    def _as_int(key: bytes, value: bytes) -> int:
-        if not _DECIMAL.fullmatch(value):
-            raise ValueError(f"The store key {key.decode(errors='replace')!r} holds {value!r}, "
-                             "not a decimal integer; add() cannot increment it.")
-        return int(value)
 
     async def delete_key(self, key: str | bytes) -> bool:
         """Delete ``key``; True if it existed."""
@@ -173,3 +299,12 @@ class AsyncEtcdStore:
         """The number of keys in this store."""
         response = await self._client.get_prefix(self._prefix, self._deadline(), count_only=True)
         return int(response.count)
+
+    async def list_keys(self) -> list[str]:
+        """The keys of this store, without the prefix, sorted."""
+        response = await self._client.get_prefix(self._prefix, self._deadline(), keys_only=True)
+        return sorted(self._name(kv.key) for kv in response.kvs)
+
+    async def delete_all(self) -> int:
+        """Delete every key of this store; return how many went."""
+        return await self._client.delete(self._prefix, self._deadline(), prefix=True)

@@ -17,15 +17,19 @@ __all__ = ["EtcdStore"]
 
 T = TypeVar("T")
 
+#: torch's default store timeout (c10d/Store.hpp).
 _DEFAULT_TIMEOUT = datetime.timedelta(seconds=300)
 
 
 class EtcdStore(Store):
-    """torch's ``Store`` over etcd, keys namespaced per run; blocking calls wait on watches.
+    """torch's ``Store`` over etcd; keys namespaced per run; blocking calls wait on watches.
 
-    ``get`` and ``wait`` wait up to the store's timeout (``set_timeout``, default 300 s) and
-    raise ``torch.distributed.DistStoreError`` naming the keys when it passes. Connection
-    failures raise torch's ``RendezvousConnectionError``.
+    ``get``, ``wait`` and ``multi_get`` wait up to the store's timeout (``set_timeout``,
+    default 300 s) and then raise ``torch.distributed.DistStoreError`` naming the missing
+    keys. Connection failures raise torch's ``RendezvousConnectionError``. Every method runs
+    the async store's coroutine on the process's event-loop thread and adds no logic.
+    Not implemented: the queue calls (``queue_push``/``queue_pop``/``queue_len``), which
+    torch's elastic agent does not use.
     """
 
     def __init__(self, store: AsyncEtcdStore, timeout: datetime.timedelta | None = None) -> None:
@@ -38,13 +42,12 @@ class EtcdStore(Store):
         return self._async
 
     def _run(self, coroutine: Coroutine[Any, Any, T], waits: float = 0.0) -> T:
-        read_timeout = self._async.client.config.read_timeout
         try:
-            return run_for_torch(coroutine, read_timeout + waits)
+            return run_for_torch(coroutine, self._async.client.config.read_timeout + waits)
         except StoreTimeoutError as exc:
             raise DistStoreError(str(exc)) from exc
 
-    def _timeout_seconds(self, override: datetime.timedelta | None = None) -> float:
+    def _seconds(self, override: datetime.timedelta | None = None) -> float:
         # torch's stubs omit the C++ ``timeout`` property, which set_timeout() updates.
         timeout: datetime.timedelta = override if override is not None \
             else self.timeout  # type: ignore[attr-defined]
@@ -54,21 +57,41 @@ class EtcdStore(Store):
         self._run(self._async.set(key, value))
 
     def get(self, key: str) -> bytes:
-        seconds = self._timeout_seconds()
+        seconds = self._seconds()
         return self._run(self._async.get(key, seconds), waits=seconds)
 
+    def multi_get(self, keys: list[str]) -> list[bytes]:
+        seconds = self._seconds()
+        return self._run(self._async.multi_get(keys, seconds), waits=seconds)
+
+    def multi_set(self, keys: list[str], values: list[str | bytes]) -> None:
+        self._run(self._async.multi_set(keys, values))
+
     def wait(self, keys: list[str], timeout: datetime.timedelta | None = None) -> None:
-        seconds = self._timeout_seconds(timeout)
-        self._run(self._async.wait(list(keys), seconds), waits=seconds)
+        seconds = self._seconds(timeout)
+        self._run(self._async.wait(keys, seconds), waits=seconds)
 
     def check(self, keys: list[str]) -> bool:
-        return self._run(self._async.check(list(keys)))
+        return self._run(self._async.check(keys))
+
+    def compare_set(self, key: str, expected_value: str | bytes,
+                    desired_value: str | bytes) -> bytes:
+        return self._run(self._async.compare_set(key, expected_value, desired_value))
 
     def add(self, key: str, value: int) -> int:
         return self._run(self._async.add(key, value))
+
+    def append(self, key: str, value: str | bytes) -> None:
+        self._run(self._async.append(key, value))
 
     def delete_key(self, key: str) -> bool:
         return self._run(self._async.delete_key(key))
 
     def num_keys(self) -> int:
         return self._run(self._async.num_keys())
+
+    def list_keys(self) -> list[str]:
+        return self._run(self._async.list_keys())
+
+    def has_extended_api(self) -> bool:
+        return True
