@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
 from typing import Any, Final
 
 from aetcd import rpc
@@ -163,6 +165,38 @@ class AsyncEtcdRendezvousBackend:
             if response.succeeded:
                 return bytes(state), int(response.header.revision), True
             return self._on_conflict(state, value, response.responses[0].response_range.kvs)
+
+    async def wait_for_change(self, token: Any | None, timeout: float) -> bool:
+        """Wait until the state's token differs from ``token``, or ``timeout`` s pass.
+
+        Returns True as soon as the key is written or deleted after revision ``token`` (with
+        ``token=None``: as soon as the key exists), False when ``timeout`` passes first. It
+        watches from ``token + 1``, so a write between the caller's read and this call is
+        never missed. It never raises on a transient error: a broken watch waits out the
+        interval (the caller re-reads either way). A stale or invalid token returns at once.
+        """
+        expected = _expected_revision(token)
+        if isinstance(expected, _Stale):
+            return True
+        started = time.monotonic()
+        if expected is None or expected == 0:
+            try:
+                response = await self._client.get(self._key, Deadline.after(timeout))
+            except EtcdConnectionError:
+                return False
+            if response.kvs:
+                return True
+            start = int(response.header.revision) + 1
+        else:
+            start = expected + 1
+        remaining = timeout - (time.monotonic() - started)
+        if remaining <= 0:
+            return False
+        try:
+            return await self._client.next_change(self._key, start, remaining)
+        except EtcdConnectionError:
+            await asyncio.sleep(max(0.0, timeout - (time.monotonic() - started)))
+            return False
 
     def _cas_request(self, value: bytes, expected: int | None, lease_id: int) -> rpc.TxnRequest:
         if expected is None:

@@ -81,6 +81,10 @@ class EtcdRendezvousBackend(RendezvousBackend):
     ) -> tuple[bytes, Token, bool] | None:
         return self._run(self._async.set_state(state, token))
 
+    def wait_for_change(self, token: Token | None, timeout: float) -> bool:
+        """See :meth:`AsyncEtcdRendezvousBackend.wait_for_change`."""
+        return self._run(self._async.wait_for_change(token, timeout))
+
     def close(self) -> None:
         """Close the etcd connection (shared with the store created alongside)."""
         self._run(self._async.client.close())
