@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 import time
 from typing import Any, Final
@@ -13,7 +14,7 @@ from aetcd import rpc
 from ._connection import Deadline, EtcdClient, UnavailableError
 from ._lease import AmortizedLease
 from .codec import StateCodec
-from .config import DEFAULT_KEY_PREFIX, DEFAULT_TTL, validate_key_prefix
+from .config import DEFAULT_KEY_PREFIX, DEFAULT_TTL, validate_conflict_backoff, validate_key_prefix
 from .errors import EtcdConnectionError
 
 __all__ = ["AsyncEtcdRendezvousBackend"]
@@ -55,6 +56,9 @@ class AsyncEtcdRendezvousBackend:
         ttl: seconds an abandoned state survives its last write; see
             :class:`~etcd_rdzv._lease.AmortizedLease` for the exact bound.
         codec: the stored form (compression threshold, request size limit).
+        conflict_backoff: when above 0, a conflicted ``set_state`` pauses a random time up to
+            this many seconds, then reads the state afresh before returning it (one more
+            round trip, on conflicts only), so that agents racing for the state spread out.
     """
 
     name = "etcd-v3"
@@ -67,6 +71,7 @@ class AsyncEtcdRendezvousBackend:
         key_prefix: str = DEFAULT_KEY_PREFIX,
         ttl: int = DEFAULT_TTL,
         codec: StateCodec | None = None,
+        conflict_backoff: float = 0.0,
     ) -> None:
         if not isinstance(run_id, str) or not run_id.strip():
             raise ValueError(f"The run id must be a non-empty string, got run_id={run_id!r}.")
@@ -78,6 +83,7 @@ class AsyncEtcdRendezvousBackend:
         self._key = f"{validate_key_prefix(key_prefix)}/{run_id}".encode()
         self._codec = codec or StateCodec()
         self._lease = AmortizedLease(client, ttl)
+        self._conflict_backoff = validate_conflict_backoff(conflict_backoff)
 
     @property
     def key(self) -> bytes:
@@ -164,7 +170,12 @@ class AsyncEtcdRendezvousBackend:
                 return outcome  # type: ignore[return-value]
             if response.succeeded:
                 return bytes(state), int(response.header.revision), True
-            return self._on_conflict(state, value, response.responses[0].response_range.kvs)
+            result = self._on_conflict(state, value, response.responses[0].response_range.kvs)
+            if self._conflict_backoff > 0 and result is not None and not result[2]:
+                await asyncio.sleep(random.uniform(0, self._conflict_backoff))
+                fresh = await self.get_state()
+                return None if fresh is None else (*fresh, False)
+            return result
 
     async def wait_for_change(self, token: Any | None, timeout: float) -> bool:
         """Wait until the state's token differs from ``token``, or ``timeout`` s pass.

@@ -121,6 +121,22 @@ def _positive_number(name: str, value: object, message: str | None = None) -> fl
     return number
 
 
+#: A conflict backoff above this would stall a rendezvous more than torch's own 1 s poll.
+MAX_CONFLICT_BACKOFF = 1.0
+
+
+def validate_conflict_backoff(value: object) -> float:
+    """``conflict_backoff`` as seconds in [0, MAX_CONFLICT_BACKOFF], or raise naming it."""
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (0 <= number <= MAX_CONFLICT_BACKOFF):
+        raise ValueError(f"The option conflict_backoff must be a number of seconds from 0 to "
+                         f"{MAX_CONFLICT_BACKOFF:g}, got conflict_backoff={value!r}.")
+    return number
+
+
 def _integer(name: str, value: object, *, minimum: int, message: str | None = None) -> int:
     """Return ``value`` as an int of at least ``minimum``, or raise naming the option."""
     lead = f"{message} " if message else ""
@@ -218,13 +234,12 @@ class RendezvousConfig:
     ttl: int = DEFAULT_TTL
     compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-
-    #: The options this library reads; other keys in ``--rdzv-conf`` belong to torch's handler.
-    OPTIONS = (
-        "read_timeout", "request_timeout", "connect_timeout", "protocol", "ca_cert", "ssl_cert",
-        "ssl_cert_key", "username", "password_file", "key_prefix", "ttl", "compress_threshold",
-        "max_request_bytes",
-    )
+    #: Upper bound, in seconds, of a random pause before a conflicted ``set_state`` returns
+    #: (0: off). Spreads out agents that race for the same state.
+    conflict_backoff: float = 0.0
+    #: How torch's handler waits between polls: ``poll`` (torch's fixed 1 s sleep) or
+    #: ``watch`` (wake on an etcd watch of the state; see docs/fast-handler.md).
+    wait: Literal["poll", "watch"] = "poll"
 
     @classmethod
     def from_options(
@@ -296,6 +311,10 @@ class RendezvousConfig:
         ttl = get("ttl")
         compress_threshold = get("compress_threshold")
         max_request_bytes = get("max_request_bytes")
+        conflict_backoff = get("conflict_backoff")
+        wait = get("wait") or "poll"
+        if wait not in ("poll", "watch"):
+            raise ValueError(f"The option wait must be 'poll' or 'watch', got wait={wait!r}.")
         return cls(
             etcd=etcd,
             run_id=run_id,
@@ -305,6 +324,9 @@ class RendezvousConfig:
             else _integer("compress_threshold", compress_threshold, minimum=0),
             max_request_bytes=DEFAULT_MAX_REQUEST_BYTES if max_request_bytes is None
             else _integer("max_request_bytes", max_request_bytes, minimum=4096),
+            conflict_backoff=0.0 if conflict_backoff is None
+            else validate_conflict_backoff(conflict_backoff),
+            wait="watch" if wait == "watch" else "poll",
         )
 
     def __post_init__(self) -> None:
@@ -312,6 +334,9 @@ class RendezvousConfig:
         _integer("ttl", self.ttl, minimum=1)
         _integer("compress_threshold", self.compress_threshold, minimum=0)
         _integer("max_request_bytes", self.max_request_bytes, minimum=4096)
+        validate_conflict_backoff(self.conflict_backoff)
+        if self.wait not in ("poll", "watch"):
+            raise ValueError(f"The option wait must be 'poll' or 'watch', got wait={self.wait!r}.")
 
 
 def validate_key_prefix(key_prefix: object) -> str:

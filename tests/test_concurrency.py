@@ -70,3 +70,44 @@ def test_8_threads_through_the_shim_count_exactly_their_successes(
     assert int(final[0]) == sum(successes)
     assert sum(successes) >= ATTEMPTS_PER_WRITER
     backend.close()
+
+
+async def test_conflict_backoff_returns_the_fresh_state_after_its_pause(
+    etcd_client: EtcdClient, key_prefix: str
+) -> None:
+    backend = AsyncEtcdRendezvousBackend(etcd_client, "backoff", key_prefix=key_prefix,
+                                         conflict_backoff=0.05)
+    other = AsyncEtcdRendezvousBackend(etcd_client, "backoff", key_prefix=key_prefix)
+    first = await backend.set_state(b"a")
+    assert first is not None
+    second = await other.set_state(b"b", first[1])
+    assert second is not None
+    assert await backend.set_state(b"c", first[1]) == (b"b", second[1], False)
+    winner = await backend.set_state(b"c", second[1])
+    assert winner is not None
+    assert winner[0::2] == (b"c", True)
+
+
+async def test_conflict_backoff_counts_stay_exact_under_contention(
+    etcd_client: EtcdClient, key_prefix: str
+) -> None:
+    backend = AsyncEtcdRendezvousBackend(etcd_client, "counter", key_prefix=key_prefix,
+                                         conflict_backoff=0.01)
+    await backend.set_state(b"0")
+
+    async def writer() -> int:
+        successes = 0
+        current = await backend.get_state()
+        assert current is not None
+        state, token = current
+        for _ in range(10):
+            result = await backend.set_state(b"%d" % (int(state) + 1), token)
+            assert result is not None
+            state, token, has_set = result
+            successes += has_set
+        return successes
+
+    successes = await asyncio.gather(*(writer() for _ in range(16)))
+    final = await backend.get_state()
+    assert final is not None
+    assert int(final[0]) == sum(successes)

@@ -30,6 +30,7 @@ def test_defaults_match_torch_etcd_v2() -> None:
     assert config.etcd.ca_cert is None and config.etcd.ssl_cert is None
     assert config.etcd.username is None and config.etcd.password is None
     assert config.max_request_bytes == 1536 * 1024
+    assert (config.conflict_backoff, config.wait) == (0.0, "poll")
 
 
 @pytest.mark.parametrize(
@@ -90,6 +91,10 @@ def test_bad_endpoints_are_named(endpoint: str, message: str) -> None:
         ({"request_timeout": "0"}, r"request_timeout must be a positive number .*'0'"),
         ({"request_timeout": "nan"}, r"request_timeout must be a positive number .*'nan'"),
         ({"connect_timeout": "-1"}, r"connect_timeout must be a positive number .*'-1'"),
+        ({"conflict_backoff": "-0.1"},
+         r"conflict_backoff must be a number of seconds from 0 to 1, got conflict_backoff='-0.1'"),
+        ({"conflict_backoff": "5"}, r"conflict_backoff must be .*, got conflict_backoff='5'"),
+        ({"wait": "sleep"}, r"^The option wait must be 'poll' or 'watch', got wait='sleep'"),
         ({"password": "hunter2"}, r"option password is not accepted.*password_file"),
         ({"username": "root"}, r"needs both a username and a password; password"),
         ({"protocol": "https", "ca_cert": "/no/such/ca.pem"},
@@ -158,8 +163,9 @@ def test_values_are_parsed_once_into_typed_fields() -> None:
     config = parse(
         "h1:1,h2:2", read_timeout="7", request_timeout="0.5", connect_timeout="3",
         ttl="30", key_prefix="/jobs/", compress_threshold="0", max_request_bytes="4096",
-        protocol=" HTTP ",
+        protocol=" HTTP ", conflict_backoff="0.05", wait="watch",
     )
+    assert (config.conflict_backoff, config.wait) == (0.05, "watch")
     assert config.etcd.read_timeout == 7.0
     assert config.etcd.request_timeout == 0.5
     assert config.etcd.connect_timeout == 3.0

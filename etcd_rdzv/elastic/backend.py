@@ -56,9 +56,11 @@ class EtcdRendezvousBackend(RendezvousBackend):
         key_prefix: str = DEFAULT_KEY_PREFIX,
         ttl: int = DEFAULT_TTL,
         codec: StateCodec | None = None,
+        conflict_backoff: float = 0.0,
     ) -> None:
         self._async = AsyncEtcdRendezvousBackend(
-            client, run_id, key_prefix=key_prefix, ttl=ttl, codec=codec
+            client, run_id, key_prefix=key_prefix, ttl=ttl, codec=codec,
+            conflict_backoff=conflict_backoff,
         )
 
     @property

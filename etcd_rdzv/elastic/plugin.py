@@ -50,6 +50,7 @@ def create_backend(params: RendezvousParameters) -> tuple[EtcdRendezvousBackend,
         key_prefix=config.key_prefix,
         ttl=config.ttl,
         codec=StateCodec(config.compress_threshold, config.max_request_bytes),
+        conflict_backoff=config.conflict_backoff,
     )
     probe_seconds = min(config.etcd.connect_timeout, config.etcd.read_timeout)
     run_for_torch(client.get(backend.async_backend.key, Deadline.after(probe_seconds)),
