@@ -100,18 +100,55 @@ class Deadline:
         return max(0.001, min(request_timeout, self.remaining()))
 
 
-def _map_grpc_error(exc: grpc.aio.AioRpcError, what: str, targets: str) -> EtcdRendezvousError:
-    """Turn a gRPC status into this project's error, naming what failed and where."""
-    code, details = exc.code(), exc.details() or ""
+def _tls_failure(details: str, config: EtcdConfig, answered: bool) -> str | None:
+    """Why a connection failed for good, if its details show a TLS misconfiguration."""
+    if "CERTIFICATE_VERIFY_FAILED" in details or "certificate verify failed" in details:
+        return (f"the server's certificate is not signed by ca_cert={_path(config.ca_cert)} "
+                "(or by the system's CAs when ca_cert is unset)")
+    if "Peer name" in details and "not in peer certificate" in details:
+        return ("the server's certificate does not name the host in the endpoint; use the "
+                "name or address its certificate lists")
+    if "ALERT_BAD_CERTIFICATE" in details or "ALERT_CERTIFICATE_REQUIRED" in details \
+            or "ALERT_UNKNOWN_CA" in details:
+        given = f"ssl_cert={_path(config.ssl_cert)}" if config.ssl_cert else "no ssl_cert"
+        return (f"the server refused the client certificate ({given}): it requires one "
+                "signed by a CA it trusts (--client-cert-auth)")
+    if "WRONG_VERSION_NUMBER" in details or ("handshake" in details.lower()
+                                              and config.uses_tls and not answered):
+        return "the TLS handshake failed: does etcd serve TLS on this port?"
+    if not config.uses_tls and not answered and "Socket closed" in details:
+        return ("the server closed the connection without answering: if etcd serves TLS, "
+                "set protocol=https and ca_cert")
+    return None
+
+
+def _path(path: os.PathLike[str] | None) -> str:
+    return repr(os.fspath(path)) if path is not None else "None"
+
+
+def _map_grpc_error(exc: grpc.aio.AioRpcError, what: str, config: EtcdConfig,
+                    answered: bool = True) -> EtcdRendezvousError:
+    """Turn a gRPC status into this project's error, naming what failed and where.
+
+    ``answered`` says whether etcd ever answered this client: a TLS-looking failure on a
+    client that never got through is a configuration error and fails at once.
+    """
+    code, details, targets = exc.code(), exc.details() or "", config.targets
     if code in _TRANSIENT_CODES:
-        return UnavailableError(f"{what} failed: etcd at {targets} is unavailable ({code.name}: "
-                           f"{details}).")
+        reason = _tls_failure(details, config, answered)
+        if reason is not None:
+            return EtcdConnectionError(f"{what} failed: cannot connect to etcd at {targets}: "
+                                       f"{reason} ({details}).")
+        return UnavailableError(f"{what} failed: etcd at {targets} is unavailable "
+                                f"({code.name}: {details}).")
     if code == grpc.StatusCode.UNAUTHENTICATED or "authentication failed" in details:
-        return EtcdAuthError(f"{what} failed: etcd at {targets} rejected the credentials "
-                             f"({details}). Check username and password_file.")
+        return EtcdAuthError(f"{what} failed: etcd at {targets} rejected the credentials of "
+                             f"user {config.username!r} ({details}). Check username and "
+                             "password_file.")
     if code == grpc.StatusCode.PERMISSION_DENIED or "permission denied" in details:
-        return EtcdAuthError(f"{what} failed: permission denied. The etcd user needs "
-                             f"read-write access to this key prefix ({details}).")
+        return EtcdAuthError(f"{what} failed: permission denied. The etcd user "
+                             f"{config.username!r} needs read-write access to that key's "
+                             f"prefix ({details}).")
     if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
         return LeaseNotFoundError(f"{what} failed: {details}.")
     if "database space exceeded" in details:
@@ -238,6 +275,8 @@ class EtcdClient:
         self._client: _AetcdClient | None = None
         self._pid = os.getpid()
         self._connect_lock: asyncio.Lock | None = None
+        #: Whether etcd has answered this client yet; see _map_grpc_error.
+        self._answered = False
 
     @property
     def config(self) -> EtcdConfig:
@@ -295,14 +334,16 @@ class EtcdClient:
             client: _AetcdClient | None = None
             try:
                 client = await self._connected()
-                return await call(client, deadline.attempt_timeout(self._config.request_timeout))
+                result = await call(client, deadline.attempt_timeout(self._config.request_timeout))
+                self._answered = True
+                return result
             except grpc.aio.AioRpcError as exc:
                 if (exc.code() == grpc.StatusCode.UNAUTHENTICATED and not relogin
                         and self._config.username is not None and client is not None):
                     log.info("etcd auth token expired; authenticating again")
                     await self._reconnect(client)
                     continue
-                raise _map_grpc_error(exc, what, self._config.targets) from exc
+                raise _map_grpc_error(exc, what, self._config, self._answered) from exc
         raise AssertionError("unreachable")
 
     async def _retrying(
@@ -426,7 +467,7 @@ class EtcdClient:
         try:
             client = await self._connected()
         except grpc.aio.AioRpcError as exc:
-            raise _map_grpc_error(exc, "Watching", self._config.targets) from exc
+            raise _map_grpc_error(exc, "Watching", self._config, self._answered) from exc
 
         async def first_event() -> bool:
             watch = await client.watch(key, start_revision=start_revision)

@@ -21,8 +21,22 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["EtcdCluster", "EtcdServer", "EtcdStartError", "find_etcd_binary", "free_port"]
+from ._certs import TlsCertificates, make_certificates
+
+if TYPE_CHECKING:
+    import grpc
+
+__all__ = [
+    "EtcdCluster",
+    "EtcdServer",
+    "EtcdStartError",
+    "TlsCertificates",
+    "find_etcd_binary",
+    "free_port",
+    "make_certificates",
+]
 
 _LOG_TAIL_CHARS = 4000
 
@@ -68,24 +82,41 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _v3_answers(endpoint: str, timeout: float) -> bool:
-    """True when a v3 KV Range on ``endpoint`` answers (plaintext only)."""
+def _channel(endpoint: str, tls: TlsCertificates | None) -> grpc.Channel:
+    import grpc
+
+    if tls is None:
+        return grpc.insecure_channel(endpoint)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=tls.ca_cert.read_bytes(),
+        private_key=tls.client_key.read_bytes(),
+        certificate_chain=tls.client_cert.read_bytes(),
+    )
+    return grpc.secure_channel(endpoint, credentials)
+
+
+def _v3_answers(endpoint: str, timeout: float, tls: TlsCertificates | None) -> bool:
+    """True when a v3 request to ``endpoint`` gets an answer (any answer, even a refusal)."""
     import grpc
     from aetcd import rpc
 
-    with grpc.insecure_channel(endpoint) as channel:
+    with _channel(endpoint, tls) as channel:
         try:
-            rpc.KVStub(channel).Range(rpc.RangeRequest(key=b"/"), timeout=timeout)
-        except grpc.RpcError:
-            return False
+            rpc.MaintenanceStub(channel).Status(rpc.StatusRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            return bool(exc.code() not in (grpc.StatusCode.UNAVAILABLE,
+                                           grpc.StatusCode.DEADLINE_EXCEEDED))
     return True
 
 
 class _Member:
     """One etcd process with its ports, data dir and log."""
 
-    def __init__(self, name: str, host: str, data_dir: Path) -> None:
+    def __init__(self, name: str, host: str, data_dir: Path,
+                 tls: TlsCertificates | None, client_cert_auth: bool) -> None:
         self.name = name
+        self.tls = tls
+        self.client_cert_auth = client_cert_auth
         self.host = host
         self.data_dir = data_dir
         self.client_port = 0
@@ -98,8 +129,12 @@ class _Member:
         return f"[{self.host}]:{self.client_port}" if ":" in self.host \
             else f"{self.host}:{self.client_port}"
 
-    def url(self, port: int) -> str:
-        return f"http://{self.endpoint.rsplit(':', 1)[0]}:{port}"
+    def url(self, port: int, scheme: str = "http") -> str:
+        return f"{scheme}://{self.endpoint.rsplit(':', 1)[0]}:{port}"
+
+    @property
+    def client_url(self) -> str:
+        return self.url(self.client_port, "https" if self.tls else "http")
 
     def pick_ports(self) -> None:
         self.client_port, self.peer_port = free_port(self.host), free_port(self.host)
@@ -109,8 +144,8 @@ class _Member:
             binary,
             "--name", self.name,
             "--data-dir", str(self.data_dir),
-            "--listen-client-urls", self.url(self.client_port),
-            "--advertise-client-urls", self.url(self.client_port),
+            "--listen-client-urls", self.client_url,
+            "--advertise-client-urls", self.client_url,
             "--listen-peer-urls", self.url(self.peer_port),
             "--initial-advertise-peer-urls", self.url(self.peer_port),
             "--initial-cluster", cluster,
@@ -119,6 +154,11 @@ class _Member:
             "--log-outputs", "stderr",
             *extra_args,
         ]
+        if self.tls is not None:
+            args += ["--cert-file", str(self.tls.server_cert),
+                     "--key-file", str(self.tls.server_key)]
+            if self.client_cert_auth:
+                args += ["--client-cert-auth", "--trusted-ca-file", str(self.tls.ca_cert)]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -163,6 +203,8 @@ class EtcdCluster:
         host: the loopback address to listen on.
         extra_args: more ``etcd`` flags for every member (``--auth-token-ttl=2``, ...).
         data_dir: where member data goes; a temporary directory, removed on ``stop``, if None.
+        tls: serve clients over TLS with these certificates (:func:`make_certificates`).
+        client_cert_auth: with ``tls``, also require client certificates signed by its CA.
     """
 
     def __init__(
@@ -172,6 +214,8 @@ class EtcdCluster:
         host: str = "127.0.0.1",
         extra_args: Sequence[str] = (),
         data_dir: str | os.PathLike[str] | None = None,
+        tls: TlsCertificates | None = None,
+        client_cert_auth: bool = False,
     ) -> None:
         if size < 1:
             raise ValueError(f"An etcd cluster needs at least one member, got size={size}.")
@@ -180,8 +224,11 @@ class EtcdCluster:
             Path(tempfile.mkdtemp(prefix="etcd-rdzv-"))
         self._host = host
         self._extra_args = tuple(extra_args)
+        self.tls = tls
+        self._root_password: str | None = None
         self.members = [
-            _Member(f"member{i}", host, self._base_dir / f"member{i}") for i in range(size)
+            _Member(f"member{i}", host, self._base_dir / f"member{i}", tls, client_cert_auth)
+            for i in range(size)
         ]
 
     @property
@@ -235,7 +282,7 @@ class EtcdCluster:
                 if not member.running:
                     raise EtcdStartError(f"etcd {member.name} exited while starting:\n"
                                          f"{member.log_tail()}")
-                if _v3_answers(member.endpoint, timeout=0.5):
+                if _v3_answers(member.endpoint, 0.5, member.tls):
                     pending.remove(member)
             if pending and time.monotonic() > deadline:
                 raise EtcdStartError(
@@ -267,6 +314,44 @@ class EtcdCluster:
         member.stop()
         member.launch(find_etcd_binary(), self._initial_cluster(), "existing", self._extra_args)
         self._wait_ready([member], timeout)
+
+    def _auth_call(self, method: str, request: Any) -> Any:
+        """One Auth RPC on the first live member, as root once auth is enabled."""
+        from aetcd import rpc
+
+        member = next(m for m in self.members if m.running)
+        with _channel(member.endpoint, self.tls) as channel:
+            stub = rpc.AuthStub(channel)
+            metadata: tuple[tuple[str, str], ...] = ()
+            if self._root_password is not None:
+                token = stub.Authenticate(
+                    rpc.AuthenticateRequest(name="root", password=self._root_password), timeout=5
+                ).token
+                metadata = (("token", token),)
+            return getattr(stub, method)(request, timeout=5, metadata=metadata)
+
+    def enable_auth(self, root_password: str) -> None:
+        """Create ``root`` with ``root_password`` and turn authentication on."""
+        from aetcd import rpc
+
+        self._auth_call("UserAdd", rpc.AuthUserAddRequest(name="root", password=root_password))
+        self._auth_call("UserGrantRole", rpc.AuthUserGrantRoleRequest(user="root", role="root"))
+        self._auth_call("AuthEnable", rpc.AuthEnableRequest())
+        self._root_password = root_password
+
+    def add_user(self, name: str, password: str, prefix: str) -> None:
+        """Create user ``name`` with read-write access to keys under ``prefix`` only."""
+        from aetcd import rpc, utils
+
+        role = f"{name}-role"
+        self._auth_call("UserAdd", rpc.AuthUserAddRequest(name=name, password=password))
+        self._auth_call("RoleAdd", rpc.AuthRoleAddRequest(name=role))
+        self._auth_call("RoleGrantPermission", rpc.AuthRoleGrantPermissionRequest(
+            name=role,
+            perm=rpc.Permission(permType=rpc.Permission.READWRITE, key=prefix.encode(),
+                                range_end=utils.prefix_range_end(prefix.encode())),
+        ))
+        self._auth_call("UserGrantRole", rpc.AuthUserGrantRoleRequest(user=name, role=role))
 
     def stop(self) -> None:
         """Stop every member and remove the data, if this object created it."""
@@ -300,8 +385,11 @@ class EtcdServer(EtcdCluster):
         *,
         host: str = "127.0.0.1",
         extra_args: Sequence[str] = (),
+        tls: TlsCertificates | None = None,
+        client_cert_auth: bool = False,
     ) -> None:
-        super().__init__(1, host=host, extra_args=extra_args, data_dir=data_dir)
+        super().__init__(1, host=host, extra_args=extra_args, data_dir=data_dir, tls=tls,
+                         client_cert_auth=client_cert_auth)
 
     def start(self, timeout: float = 60.0, num_retries: int = 3, stderr: object = None) -> None:
         """Start etcd; ``stderr`` is accepted for torch compatibility (the log is kept)."""
