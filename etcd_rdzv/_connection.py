@@ -58,7 +58,9 @@ _grpc_process: int | None = None
 #: down its connection, which the child shares with the parent.
 _inherited_clients: list[object] = []
 
-_TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+#: CANCELLED arrives when a channel is closed under a call (a failover reconnect).
+_TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                              grpc.StatusCode.CANCELLED})
 _RETRY_BACKOFF_INITIAL = 0.05
 _RETRY_BACKOFF_MAX = 0.5
 
@@ -277,6 +279,8 @@ class EtcdClient:
         self._connect_lock: asyncio.Lock | None = None
         #: Whether etcd has answered this client yet; see _map_grpc_error.
         self._answered = False
+        #: How many times a hung member made the client move on to the next endpoint.
+        self._rotation = 0
 
     @property
     def config(self) -> EtcdConfig:
@@ -315,7 +319,10 @@ class EtcdClient:
             self._connect_lock = asyncio.Lock()
         async with self._connect_lock:
             if self._client is None:
-                target, options = await _resolve_target(self._config.endpoints)
+                # Start the list at the member after the one that last hung (see _attempt).
+                shift = self._rotation % len(self._config.endpoints)
+                endpoints = self._config.endpoints[shift:] + self._config.endpoints[:shift]
+                target, options = await _resolve_target(endpoints)
                 client = _AetcdClient(self._config, target, options)
                 await client.connect()
                 self._client = client
@@ -343,6 +350,13 @@ class EtcdClient:
                     log.info("etcd auth token expired; authenticating again")
                     await self._reconnect(client)
                     continue
+                if (exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and client is not None
+                        and len(self._config.endpoints) > 1 and self._client is client):
+                    # pick_first stays on a member that accepts connections but never answers
+                    # (paused, overloaded): reconnect starting from the next endpoint.
+                    self._rotation += 1
+                    log.info("etcd member did not answer in time; moving to the next endpoint")
+                    await self._reconnect(client)
                 raise _map_grpc_error(exc, what, self._config, self._answered) from exc
         raise AssertionError("unreachable")
 

@@ -292,6 +292,28 @@ class EtcdCluster:
             if pending:
                 time.sleep(0.05)
 
+    def leader_index(self, timeout: float = 10.0) -> int:
+        """The index of the member that is leader now, waiting up to ``timeout`` for one."""
+        import grpc
+        from aetcd import rpc
+
+        deadline = time.monotonic() + timeout
+        while True:
+            for index, member in enumerate(self.members):
+                if not member.running:
+                    continue
+                with _channel(member.endpoint, self.tls) as channel:
+                    try:
+                        status = rpc.MaintenanceStub(channel).Status(rpc.StatusRequest(),
+                                                                     timeout=1)
+                    except grpc.RpcError:
+                        continue
+                if status.leader and status.leader == status.header.member_id:
+                    return index
+            if time.monotonic() > deadline:
+                raise EtcdStartError(f"No etcd member is leader after {timeout:g} s.")
+            time.sleep(0.1)
+
     def kill(self, index: int) -> None:
         """Kill member ``index`` at once (SIGKILL); its data stays for :meth:`restart`."""
         member = self.members[index]

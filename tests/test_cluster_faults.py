@@ -1,0 +1,147 @@
+"""A 3-member etcd cluster with members killed, restarted and paused under load."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import pytest_asyncio
+
+from etcd_rdzv import AsyncEtcdRendezvousBackend, EtcdClient, EtcdConfig
+from etcd_rdzv.config import parse_endpoints
+from etcd_rdzv.testing import EtcdCluster
+from etcd_rdzv.testing.history import History, run_clients
+from examples.rendezvous_demo import run_agents
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def cluster() -> Iterator[EtcdCluster]:
+    with EtcdCluster(3) as cluster:
+        yield cluster
+
+
+def cluster_config(cluster: EtcdCluster, read_timeout: float = 15.0) -> EtcdConfig:
+    return EtcdConfig(endpoints=parse_endpoints(cluster.get_endpoint()),
+                      read_timeout=read_timeout, request_timeout=1.0)
+
+
+@pytest_asyncio.fixture
+async def clients(cluster: EtcdCluster) -> AsyncIterator[list[EtcdClient]]:
+    """Separate clients (channels), as separate agents would have."""
+    made = [EtcdClient(cluster_config(cluster)) for _ in range(16)]
+    yield made
+    for client in made:
+        await client.close()
+
+
+@pytest.mark.timeout(180)
+def test_rendezvous_completes_across_a_leader_kill(cluster: EtcdCluster) -> None:
+    killed: list[tuple[int, float]] = []
+
+    def kill_leader_soon() -> None:
+        time.sleep(0.8)  # the agents are joining by now
+        leader = cluster.leader_index()
+        cluster.kill(leader)
+        killed.append((leader, time.monotonic()))
+
+    killer = threading.Thread(target=kill_leader_soon)
+    killer.start()
+    results = run_agents(cluster.get_endpoint(), f"leader-kill-{uuid.uuid4().hex[:6]}", 4,
+                         timeout=120, options={"request_timeout": "1", "read_timeout": "30"})
+    killer.join()
+    assert killed, "the leader was never killed"
+    assert sorted(r.rank for r in results) == [0, 1, 2, 3]
+    assert {r.world_size for r in results} == {4}
+    assert len({r.round for r in results}) == 1
+
+
+async def test_no_lost_or_duplicated_update_while_members_die_and_return(
+    cluster: EtcdCluster, clients: list[EtcdClient]
+) -> None:
+    backends = [AsyncEtcdRendezvousBackend(c, "counter", key_prefix="/faults")
+                for c in clients[:8]]
+    await backends[0].set_state(b"0")
+    stop = asyncio.Event()
+
+    async def writer(backend: AsyncEtcdRendezvousBackend) -> int:
+        successes = 0
+        current = await backend.get_state()
+        assert current is not None
+        state, token = current
+        while not stop.is_set():
+            result = await backend.set_state(b"%d" % (int(state) + 1), token)
+            assert result is not None
+            state, token, has_set = result
+            successes += has_set
+        return successes
+
+    tasks = [asyncio.create_task(writer(b)) for b in backends]
+    for victim in (0, 1, 2):
+        await asyncio.sleep(0.7)
+        await asyncio.to_thread(cluster.kill, victim)
+        await asyncio.sleep(0.7)
+        await asyncio.to_thread(cluster.restart, victim)
+    stop.set()
+    successes = await asyncio.gather(*tasks)
+    final = await backends[0].get_state()
+    assert final is not None
+    assert int(final[0]) == sum(successes) > 0
+
+
+async def test_a_paused_member_costs_one_attempt_not_the_deadline(
+    cluster: EtcdCluster, clients: list[EtcdClient]
+) -> None:
+    backend = AsyncEtcdRendezvousBackend(clients[0], "paused", key_prefix="/faults")
+    first = await backend.set_state(b"a")
+    assert first is not None
+    cluster.pause(0)  # the first endpoint: where the client is connected
+    try:
+        started = time.monotonic()
+        state = await backend.get_state()
+        written = await backend.set_state(b"b", first[1])
+        elapsed = time.monotonic() - started
+    finally:
+        cluster.resume(0)
+    assert state == (b"a", first[1])
+    assert written is not None and written[2]
+    assert elapsed < cluster_config(cluster).read_timeout / 2
+
+
+@pytest.mark.timeout(180)
+async def test_history_under_faults_is_linearizable(
+    cluster: EtcdCluster, clients: list[EtcdClient]
+) -> None:
+    backends = [AsyncEtcdRendezvousBackend(c, "linear", key_prefix="/faults") for c in clients]
+    initial = await backends[0].set_state(b"initial")
+    assert initial is not None
+    history = History()
+    faults: list[str] = []
+
+    async def inject() -> None:
+        for victim in (0, 1, 2):
+            await asyncio.sleep(0.8)
+            await asyncio.to_thread(cluster.kill, victim)
+            faults.append(f"kill {victim}")
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(cluster.restart, victim)
+            faults.append(f"restart {victim}")
+        leader = await asyncio.to_thread(cluster.leader_index)
+        cluster.pause(leader)
+        faults.append(f"pause {leader}")
+        await asyncio.sleep(0.6)  # under the election timeout: still leader when it resumes
+        cluster.resume(leader)
+        faults.append(f"resume {leader}")
+
+    await asyncio.gather(run_clients(history, backends, 7.0, initial[1]), inject())
+    violations = history.check(initial=(b"initial", initial[1]))
+    counts = history.counts
+    print(f"linearizability: {counts}, faults {faults}, violations {len(violations)}")
+    assert violations == []
+    assert counts["successful_sets"] > 50
+    assert len(faults) == 8
