@@ -255,6 +255,8 @@ async def _resolve_target(endpoints: tuple[Endpoint, ...]) -> tuple[str, dict[st
     else:
         # gRPC's address-list targets take one family; keep the one the first endpoint used.
         first = addresses[0][0]
+        log.warning("etcd endpoints %s mix IPv4 and IPv6; using only the addresses of the "
+                    "first endpoint's family", ",".join(map(str, endpoints)))
         scheme = "ipv4:" if first == int(socket.AF_INET) else "ipv6:"
         fmt = "{}:{}" if first == int(socket.AF_INET) else "[{}]:{}"
         target = scheme + ",".join(fmt.format(h, p) for f, h, p in addresses if f == first)
@@ -266,7 +268,9 @@ class EtcdClient:
     """A connection to one etcd cluster, shared by the backend and the store of a process.
 
     It connects lazily, on the event loop of its first call, and serves that loop only.
-    After ``fork`` the child drops the parent's channel (never touching it) and connects anew.
+    A child forked after the parent used etcd never touches the parent's channel (freeing it
+    would shut down the connection the parent shares); connecting there raises
+    :class:`EtcdConnectionError`, since gRPC's asyncio stack does not survive ``fork``.
 
     Args:
         config: endpoints, security and deadlines.

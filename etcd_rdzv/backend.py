@@ -14,7 +14,13 @@ from aetcd import rpc
 from ._connection import Deadline, EtcdClient, UnavailableError
 from ._lease import AmortizedLease
 from .codec import StateCodec
-from .config import DEFAULT_KEY_PREFIX, DEFAULT_TTL, validate_conflict_backoff, validate_key_prefix
+from .config import (
+    DEFAULT_KEY_PREFIX,
+    DEFAULT_TTL,
+    validate_conflict_backoff,
+    validate_key_prefix,
+    validate_run_id,
+)
 from .errors import EtcdConnectionError
 
 __all__ = ["AsyncEtcdRendezvousBackend"]
@@ -73,8 +79,7 @@ class AsyncEtcdRendezvousBackend:
         codec: StateCodec | None = None,
         conflict_backoff: float = 0.0,
     ) -> None:
-        if not isinstance(run_id, str) or not run_id.strip():
-            raise ValueError(f"The run id must be a non-empty string, got run_id={run_id!r}.")
+        validate_run_id(run_id)
         if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
             raise ValueError(f"The option ttl must be a positive integer of seconds, got "
                              f"ttl={ttl!r}.")
@@ -110,7 +115,10 @@ class AsyncEtcdRendezvousBackend:
             EtcdConnectionError: etcd did not answer within ``read_timeout``.
             EtcdStateError: the stored value cannot be decoded.
         """
-        response = await self._client.get(self._key, self._deadline())
+        return await self._read(self._deadline())
+
+    async def _read(self, deadline: Deadline) -> tuple[bytes, int] | None:
+        response = await self._client.get(self._key, deadline)
         if not response.kvs:
             return None
         kv = response.kvs[0]
@@ -143,10 +151,10 @@ class AsyncEtcdRendezvousBackend:
         """
         value = self._codec.encode(state, key=self._key)
         expected = _expected_revision(token)
-        if isinstance(expected, _Stale):
-            current = await self.get_state()
-            return None if current is None else (*current, False)
         deadline = self._deadline()
+        if isinstance(expected, _Stale):
+            current = await self._read(deadline)
+            return None if current is None else (*current, False)
         while True:
             if deadline.expired:
                 raise EtcdConnectionError(
@@ -173,7 +181,7 @@ class AsyncEtcdRendezvousBackend:
             result = self._on_conflict(state, value, response.responses[0].response_range.kvs)
             if self._conflict_backoff > 0 and result is not None and not result[2]:
                 await asyncio.sleep(random.uniform(0, self._conflict_backoff))
-                fresh = await self.get_state()
+                fresh = await self._read(deadline)
                 return None if fresh is None else (*fresh, False)
             return result
 

@@ -27,8 +27,8 @@ _FLAG_ZLIB = 0x01
 _KNOWN_FLAGS = _FLAG_ZLIB
 _TAG_SIZE = 8
 HEADER_SIZE = len(_MAGIC) + 2 + _TAG_SIZE
-#: Level 1 compresses a torch state nearly as well as level 6 (132 KB against 131 KB at
-#: 10,000 nodes) in a quarter of the time (4 ms against 16 ms).
+#: Level 1 compresses a torch state nearly as well as level 6 (133 KB against 132 KB for
+#: a 10,000-node state of 800 KB here) in a quarter of the time (4 ms against 16 ms).
 _ZLIB_LEVEL = 1
 #: Room for the key and the protobuf framing of a Txn around the value.
 _REQUEST_OVERHEAD = 512

@@ -256,8 +256,7 @@ class RendezvousConfig:
                 f"of the machine. Use password_file=PATH or the {PASSWORD_ENV_VAR} environment "
                 "variable."
             )
-        if not isinstance(run_id, str) or not run_id.strip():
-            raise ValueError(f"The run id must be a non-empty string, got run_id={run_id!r}.")
+        validate_run_id(run_id)
 
         def get(name: str) -> Any:
             value = options.get(name)
@@ -337,6 +336,15 @@ class RendezvousConfig:
         validate_conflict_backoff(self.conflict_backoff)
         if self.wait not in ("poll", "watch"):
             raise ValueError(f"The option wait must be 'poll' or 'watch', got wait={self.wait!r}.")
+
+
+def validate_run_id(run_id: object) -> str:
+    """Return ``run_id``, or raise naming it: non-empty, and no ``/`` (a run's store keys live
+    under ``<key_prefix>/<run_id>/store/``, so a slash could reach into another run)."""
+    if not isinstance(run_id, str) or not run_id.strip() or "/" in run_id:
+        raise ValueError(f"The run id must be a non-empty string without '/', got "
+                         f"run_id={run_id!r}.")
+    return run_id
 
 
 def validate_key_prefix(key_prefix: object) -> str:

@@ -190,3 +190,9 @@ def test_direct_construction_validates_too() -> None:
         EtcdConfig(read_timeout=0)
     with pytest.raises(ValueError, match="at least one etcd endpoint"):
         EtcdConfig(endpoints=())
+
+
+@pytest.mark.parametrize("run_id", ["", "  ", "a/store/x"])
+def test_bad_run_ids_are_named(run_id: str) -> None:
+    with pytest.raises(ValueError, match=r"run id must be a non-empty string without '/'"):
+        RendezvousConfig.from_options("localhost", run_id, {})

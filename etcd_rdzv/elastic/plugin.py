@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from torch._C._distributed_c10d import Store
     from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousParameters
 
+    from ..config import RendezvousConfig
     from .backend import EtcdRendezvousBackend
 
 __all__ = ["create_backend", "create_handler", "handler_factory"]
@@ -26,23 +27,29 @@ def create_backend(params: RendezvousParameters) -> tuple[EtcdRendezvousBackend,
     as ``[addr]:port``, default port 2379). ``params.config`` takes torch's ``etcd-v2``
     options (``read_timeout``, ``protocol``, ``ssl_cert``, ``ssl_cert_key``, ``ca_cert``, same
     defaults) and ``key_prefix``, ``ttl``, ``username``, ``password_file``,
-    ``request_timeout``, ``connect_timeout``, ``compress_threshold``, ``max_request_bytes``:
-    see docs/configuration.md. The password comes from ``password_file`` or
-    ``$ETCD_RDZV_PASSWORD``, never from the command line.
+    ``request_timeout``, ``connect_timeout``, ``compress_threshold``, ``max_request_bytes``,
+    ``conflict_backoff``, ``wait``: see docs/configuration.md. The password comes from
+    ``password_file`` or ``$ETCD_RDZV_PASSWORD``, never from the command line.
 
     Raises:
         ValueError: an option is invalid; the message names it and its value.
         RendezvousConnectionError: etcd did not answer within ``connect_timeout`` (at most
             ``read_timeout``); the message names the endpoints.
     """
+    from ..config import RendezvousConfig
+
+    config = RendezvousConfig.from_options(params.endpoint, params.run_id, params.config)
+    return _create_backend(config)
+
+
+def _create_backend(config: RendezvousConfig) -> tuple[EtcdRendezvousBackend, Store]:
+    """:func:`create_backend` from options already parsed."""
     from .._connection import Deadline, EtcdClient
     from ..codec import StateCodec
-    from ..config import RendezvousConfig
     from ..store import AsyncEtcdStore
     from .backend import EtcdRendezvousBackend, run_for_torch
     from .store import EtcdStore
 
-    config = RendezvousConfig.from_options(params.endpoint, params.run_id, params.config)
     client = EtcdClient(config.etcd)
     backend = EtcdRendezvousBackend(
         client,
@@ -66,10 +73,22 @@ def create_handler(params: RendezvousParameters) -> RendezvousHandler:
     Every handler option of torch (``join_timeout``, ``last_call_timeout``,
     ``close_timeout``, ``heartbeat_timeout``, ``keep_alive_interval``,
     ``keep_alive_max_attempt``) passes through ``params.config``, beside the backend's.
+
+    With ``wait=watch`` the handler waits on etcd watches instead of torch's fixed 1 s
+    poll (:func:`etcd_rdzv.elastic.fast_handler.create_fast_handler`; on an untested torch
+    it warns once and is torch's stock handler). With ``wait=poll``, the default, it is
+    torch's stock handler.
     """
+    from ..config import RendezvousConfig
+
+    config = RendezvousConfig.from_options(params.endpoint, params.run_id, params.config)
+    backend, store = _create_backend(config)
+    if config.wait == "watch":
+        from .fast_handler import create_fast_handler
+
+        return create_fast_handler(store, backend, params)
     from torch.distributed.elastic.rendezvous import dynamic_rendezvous
 
-    backend, store = create_backend(params)
     return dynamic_rendezvous.create_handler(store, backend, params)
 
 
