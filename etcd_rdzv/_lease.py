@@ -29,8 +29,9 @@ class AmortizedLease:
     add a round trip to every write; instead a lease of ``ttl + window`` seconds is granted
     and reused for ``window`` seconds (:func:`lease_window`), so at most one grant happens
     per window for each backend (and the store created with it, which shares its lease).
-    A key written at time ``t`` with a lease granted at ``g`` (``t - window < g <= t``) expires at ``g + ttl + window``: between ``t + ttl`` and
-    ``t + ttl + window``. With the default ttl of 7200 s that is 7200 to 7260 s.
+    A key written at time ``t`` with a lease granted at ``g`` (``t - window < g <= t``)
+    expires at ``g + ttl + window``: between ``t + ttl`` and ``t + ttl + window``. With the
+    default ttl of 7200 s that is 7200 to 7260 s.
     """
 
     def __init__(self, client: EtcdClient, ttl: int) -> None:
