@@ -464,6 +464,34 @@ class EtcdClient:
 
         return await self._retrying("Granting a lease", call, deadline)
 
+    async def compact(self, revision: int, deadline: Deadline) -> bool:
+        """Compact etcd's history up to ``revision`` (the whole keyspace, not one prefix).
+
+        Returns False when that revision was already compacted (by anyone); retried.
+        """
+        request = rpc.CompactionRequest(revision=revision, physical=False)
+
+        async def call(client: _AetcdClient, timeout: float) -> bool:
+            try:
+                await client.kvstub.Compact(request, timeout=timeout, metadata=client.metadata)
+            except grpc.aio.AioRpcError as exc:
+                if "required revision has been compacted" in (exc.details() or ""):
+                    return False
+                raise
+            return True
+
+        return await self._retrying(f"Compacting to revision {revision}", call, deadline)
+
+    async def db_size(self, deadline: Deadline) -> int:
+        """The backend database size, in bytes, of the member this client talks to."""
+        async def call(client: _AetcdClient, timeout: float) -> int:
+            response = await client.maintenancestub.Status(
+                rpc.StatusRequest(), timeout=timeout, metadata=client.metadata
+            )
+            return int(response.dbSize)
+
+        return await self._retrying("Reading etcd's status", call, deadline)
+
     async def lease_time_to_live(self, lease_id: int, deadline: Deadline) -> int:
         """The seconds left on a lease; -1 when it has expired or does not exist."""
         request = rpc.LeaseTimeToLiveRequest(ID=lease_id)

@@ -17,6 +17,7 @@ from .codec import StateCodec
 from .config import (
     DEFAULT_KEY_PREFIX,
     DEFAULT_TTL,
+    validate_compact_interval,
     validate_conflict_backoff,
     validate_key_prefix,
     validate_run_id,
@@ -28,6 +29,13 @@ __all__ = ["AsyncEtcdRendezvousBackend"]
 log = logging.getLogger(__name__)
 
 _INT_TOKEN = re.compile(r"\s*\d+\s*")
+
+
+def _log_compaction(task: asyncio.Task[bool]) -> None:
+    if task.cancelled():
+        return
+    if task.exception() is not None:
+        log.warning("compacting etcd's history failed: %s", task.exception())
 
 
 class _Stale:
@@ -65,6 +73,10 @@ class AsyncEtcdRendezvousBackend:
         conflict_backoff: when above 0, a conflicted ``set_state`` pauses a random time up to
             this many seconds, then reads the state afresh before returning it (one more
             round trip, on conflicts only), so that agents racing for the state spread out.
+        compact_interval: when above 0, at most once per this many seconds a successful
+            write is followed (in the background, adding no latency) by a compaction of
+            etcd's history up to that write's revision. It affects etcd's whole keyspace:
+            off by default; prefer etcd's own ``--auto-compaction-*`` settings.
     """
 
     name = "etcd-v3"
@@ -78,6 +90,7 @@ class AsyncEtcdRendezvousBackend:
         ttl: int = DEFAULT_TTL,
         codec: StateCodec | None = None,
         conflict_backoff: float = 0.0,
+        compact_interval: float = 0.0,
     ) -> None:
         validate_run_id(run_id)
         if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
@@ -89,6 +102,9 @@ class AsyncEtcdRendezvousBackend:
         self._codec = codec or StateCodec()
         self._lease = AmortizedLease(client, ttl)
         self._conflict_backoff = validate_conflict_backoff(conflict_backoff)
+        self._compact_interval = validate_compact_interval(compact_interval)
+        self._last_compaction = time.monotonic()
+        self._compaction: asyncio.Task[bool] | None = None
 
     @property
     def key(self) -> bytes:
@@ -177,6 +193,7 @@ class AsyncEtcdRendezvousBackend:
                     continue
                 return outcome  # type: ignore[return-value]
             if response.succeeded:
+                self._maybe_compact(int(response.header.revision))
                 return bytes(state), int(response.header.revision), True
             result = self._on_conflict(state, value, response.responses[0].response_range.kvs)
             if self._conflict_backoff > 0 and result is not None and not result[2]:
@@ -184,6 +201,17 @@ class AsyncEtcdRendezvousBackend:
                 fresh = await self._read(deadline)
                 return None if fresh is None else (*fresh, False)
             return result
+
+    def _maybe_compact(self, revision: int) -> None:
+        """Start a background compaction up to ``revision`` if one is due."""
+        now = time.monotonic()
+        if not self._compact_interval or now - self._last_compaction < self._compact_interval \
+                or (self._compaction is not None and not self._compaction.done()):
+            return
+        self._last_compaction = now
+        self._compaction = asyncio.get_running_loop().create_task(
+            self._client.compact(revision, Deadline.after(self._client.config.read_timeout)))
+        self._compaction.add_done_callback(_log_compaction)
 
     async def wait_for_change(self, token: Any | None, timeout: float) -> bool:
         """Wait until the state's token differs from ``token``, or ``timeout`` s pass.

@@ -137,6 +137,18 @@ def validate_conflict_backoff(value: object) -> float:
     return number
 
 
+def validate_compact_interval(value: object) -> float:
+    """``compact_interval`` as seconds: 0 (off) or at least 1, or raise naming it."""
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (number == 0 or (math.isfinite(number) and number >= 1)):
+        raise ValueError(f"The option compact_interval must be 0 (off) or a number of seconds "
+                         f"of at least 1, got compact_interval={value!r}.")
+    return number
+
+
 def _integer(name: str, value: object, *, minimum: int, message: str | None = None) -> int:
     """Return ``value`` as an int of at least ``minimum``, or raise naming the option."""
     lead = f"{message} " if message else ""
@@ -240,6 +252,10 @@ class RendezvousConfig:
     #: How torch's handler waits between polls: ``poll`` (torch's fixed 1 s sleep) or
     #: ``watch`` (wake on an etcd watch of the state; see docs/fast-handler.md).
     wait: Literal["poll", "watch"] = "poll"
+    #: Seconds between compactions of etcd's history run by the backend after a write
+    #: (0: off, the default). Compaction covers etcd's whole keyspace: leave it to etcd's
+    #: ``--auto-compaction-retention`` when you run etcd; see docs/operations.md.
+    compact_interval: float = 0.0
 
     @classmethod
     def from_options(
@@ -312,6 +328,7 @@ class RendezvousConfig:
         max_request_bytes = get("max_request_bytes")
         conflict_backoff = get("conflict_backoff")
         wait = get("wait") or "poll"
+        compact_interval = get("compact_interval")
         if wait not in ("poll", "watch"):
             raise ValueError(f"The option wait must be 'poll' or 'watch', got wait={wait!r}.")
         return cls(
@@ -326,6 +343,8 @@ class RendezvousConfig:
             conflict_backoff=0.0 if conflict_backoff is None
             else validate_conflict_backoff(conflict_backoff),
             wait="watch" if wait == "watch" else "poll",
+            compact_interval=0.0 if compact_interval is None
+            else validate_compact_interval(compact_interval),
         )
 
     def __post_init__(self) -> None:
@@ -334,6 +353,7 @@ class RendezvousConfig:
         _integer("compress_threshold", self.compress_threshold, minimum=0)
         _integer("max_request_bytes", self.max_request_bytes, minimum=4096)
         validate_conflict_backoff(self.conflict_backoff)
+        validate_compact_interval(self.compact_interval)
         if self.wait not in ("poll", "watch"):
             raise ValueError(f"The option wait must be 'poll' or 'watch', got wait={self.wait!r}.")
 

@@ -94,6 +94,9 @@ def test_bad_endpoints_are_named(endpoint: str, message: str) -> None:
         ({"conflict_backoff": "-0.1"},
          r"conflict_backoff must be a number of seconds from 0 to 1, got conflict_backoff='-0.1'"),
         ({"conflict_backoff": "5"}, r"conflict_backoff must be .*, got conflict_backoff='5'"),
+        ({"compact_interval": "0.5"},
+         r"compact_interval must be 0 \(off\) or a number of seconds of at least 1, "
+         r"got compact_interval='0.5'"),
         ({"wait": "sleep"}, r"^The option wait must be 'poll' or 'watch', got wait='sleep'"),
         ({"password": "hunter2"}, r"option password is not accepted.*password_file"),
         ({"username": "root"}, r"needs both a username and a password; password"),

@@ -57,10 +57,11 @@ class EtcdRendezvousBackend(RendezvousBackend):
         ttl: int = DEFAULT_TTL,
         codec: StateCodec | None = None,
         conflict_backoff: float = 0.0,
+        compact_interval: float = 0.0,
     ) -> None:
         self._async = AsyncEtcdRendezvousBackend(
             client, run_id, key_prefix=key_prefix, ttl=ttl, codec=codec,
-            conflict_backoff=conflict_backoff,
+            conflict_backoff=conflict_backoff, compact_interval=compact_interval,
         )
 
     @property
