@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
-import pickle
 import random
 import zlib
 
 import pytest
-from torch.distributed.elastic.rendezvous.dynamic_rendezvous import _NodeDesc, _RendezvousState
 
 from etcd_rdzv import (
     AsyncEtcdRendezvousBackend,
@@ -22,19 +19,7 @@ from etcd_rdzv._connection import Deadline
 from etcd_rdzv._lease import lease_window
 from etcd_rdzv.codec import HEADER_SIZE
 from etcd_rdzv.config import DEFAULT_MAX_REQUEST_BYTES
-
-
-def torch_state(nodes: int) -> bytes:
-    """A pickled torch rendezvous state as the handler writes it, one timestamp per node."""
-    state = _RendezvousState()
-    state.round, state.complete = 7, True
-    now = datetime.datetime.now(datetime.timezone.utc)
-    rng = random.Random(nodes)
-    for index in range(nodes):
-        node = _NodeDesc(f"node-{index:06d}.cluster.example.com", 10_000 + index, 0)
-        state.participants[node] = index
-        state.last_heartbeats[node] = now - datetime.timedelta(microseconds=rng.randrange(10**7))
-    return pickle.dumps(state)
+from etcd_rdzv.testing.states import torch_state
 
 
 @pytest.fixture
