@@ -16,6 +16,7 @@ outcome: it counts as successful if and only if some read saw its value.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import time
 from collections.abc import Awaitable, Callable
@@ -126,6 +127,10 @@ class History:
         produced = {effective[t].written: t for t in chain}
         if initial is not None:
             produced[initial[0]] = initial[1]
+        # The newest token any acknowledged write had reached by each completion time.
+        acknowledged = sorted((effective[t].completed, t) for t in chain if effective[t].ok)
+        completion_times = [completed for completed, _ in acknowledged]
+        newest_by_then = list(itertools.accumulate((t for _, t in acknowledged), max))
         for read in reads:
             if read.state not in produced:
                 origin = "a write that failed" if read.state in writes else "no write"
@@ -134,13 +139,11 @@ class History:
             if produced[read.state] != read.token_out:
                 violations.append(f"read returned token {read.token_out} for a value written "
                                   f"at token {produced[read.state]}: {read}")
-            for token in chain:
-                write = effective[token]
-                if write.completed < read.invoked and write.ok and \
-                        token > (read.token_out or 0):
-                    violations.append(f"read returned token {read.token_out}, older than "
-                                      f"write {token} which completed before it began: {read}")
-                    break
+            done_before = bisect.bisect_left(completion_times, read.invoked)
+            if done_before and newest_by_then[done_before - 1] > (read.token_out or 0):
+                violations.append(f"read returned token {read.token_out}, older than write "
+                                  f"{newest_by_then[done_before - 1]} which completed before "
+                                  f"it began: {read}")
         return violations
 
     @property
