@@ -35,7 +35,7 @@ from aetcd import rpc
 from .config import Endpoint, EtcdConfig
 from .errors import EtcdAuthError, EtcdConnectionError, EtcdRendezvousError
 
-__all__ = ["Deadline", "EtcdClient", "LeaseNotFoundError", "UnavailableError"]
+__all__ = ["Deadline", "EtcdClient", "KeyChange", "LeaseNotFoundError", "UnavailableError"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,14 @@ class UnavailableError(EtcdConnectionError):
 
     For a write the outcome is unknown: it may have been applied.
     """
+
+
+@dataclass(frozen=True)
+class KeyChange:
+    """The first change a watch saw: the key's new value, or None (deleted, or the history
+    was compacted away: read the key to learn its value)."""
+
+    value: bytes | None
 
 
 class LeaseNotFoundError(EtcdConnectionError):
@@ -504,33 +512,36 @@ class EtcdClient:
 
         return await self._retrying("Reading a lease", call, deadline)
 
-    async def next_change(self, key: bytes, start_revision: int, timeout: float) -> bool:
-        """Wait until ``key`` changes at or after ``start_revision``.
+    async def next_change(
+        self, key: bytes, start_revision: int, timeout: float
+    ) -> KeyChange | None:
+        """Wait for the first change of ``key`` at or after ``start_revision``.
 
-        Returns True when a change (put or delete) arrived, False when ``timeout`` passed
-        first or the watch broke (the caller re-reads either way, so nothing is missed).
+        Returns the change (its new value for a put), or None when ``timeout`` passed first
+        or the watch broke: the caller re-reads either way, so nothing is missed.
         """
         try:
             client = await self._connected()
         except grpc.aio.AioRpcError as exc:
             raise _map_grpc_error(exc, "Watching", self._config, self._answered) from exc
 
-        async def first_event() -> bool:
+        async def first_event() -> KeyChange | None:
             watch = await client.watch(key, start_revision=start_revision)
             try:
-                async for _event in watch:
-                    return True
-                return False
+                async for event in watch:
+                    return KeyChange(bytes(event.kv.value) if event.kind == "PUT" else None)
+                return None
             finally:
                 await watch.cancel()
 
         try:
             return await asyncio.wait_for(first_event(), timeout)
         except asyncio.TimeoutError:
-            return False
+            return None
         except aetcd.exceptions.RevisionCompactedError:
-            return True  # history is gone; a read tells the current value
+            return KeyChange(None)  # history is gone; a read tells the current value
         except aetcd.exceptions.ClientError as exc:
             log.debug("watch on %r broke (%s); re-reading", key, exc)
             await asyncio.sleep(min(timeout, _RETRY_BACKOFF_MAX))
-            return False
+            return None
+

@@ -240,7 +240,7 @@ class AsyncEtcdRendezvousBackend:
         if remaining <= 0:
             return False
         try:
-            return await self._client.next_change(self._key, start, remaining)
+            return await self._client.next_change(self._key, start, remaining) is not None
         except EtcdConnectionError:
             await asyncio.sleep(max(0.0, timeout - (time.monotonic() - started)))
             return False

@@ -125,22 +125,27 @@ class AsyncEtcdStore:
         return values, revision
 
     async def _wait_for(self, keys: Sequence[bytes], timeout: float) -> list[bytes]:
-        """The values of ``keys`` once all are set; each check is one read, each wait a watch."""
+        """The values of ``keys`` once all are set: one read, then a watch per missing key
+        (whose put event carries the value, so a wake-up costs no further round trip)."""
         started = time.monotonic()
-        while True:
-            values, revision = await self._read_many(keys)
-            missing = [key for key, value in zip(keys, values, strict=True) if value is None]
-            if not missing:
-                return [value for value in values if value is not None]
-            remaining = timeout - (time.monotonic() - started)
-            if remaining <= 0:
-                raise StoreTimeoutError(
-                    f"Timed out after {timeout:g} s waiting for the store keys "
-                    f"{[self._name(k) for k in missing]} "
-                    f"(under {self._prefix.decode(errors='replace')!r})."
-                )
-            # Watching from the revision just read: no write can slip in between.
-            await self._client.next_change(missing[0], revision + 1, remaining)
+        values, revision = await self._read_many(keys)
+        for index, key in enumerate(keys):
+            while values[index] is None:
+                remaining = timeout - (time.monotonic() - started)
+                if remaining <= 0:
+                    missing = [k for k, v in zip(keys, values, strict=True) if v is None]
+                    raise StoreTimeoutError(
+                        f"Timed out after {timeout:g} s waiting for the store keys "
+                        f"{[self._name(k) for k in missing]} "
+                        f"(under {self._prefix.decode(errors='replace')!r})."
+                    )
+                # Watching from the revision just read: no write can slip in between.
+                change = await self._client.next_change(key, revision + 1, remaining)
+                if change is not None and change.value is not None:
+                    values[index] = change.value
+                else:  # timed out, deleted, compacted or a broken watch: read again
+                    values, revision = await self._read_many(keys)
+        return [value for value in values if value is not None]
 
     async def get(self, key: str | bytes, timeout: float) -> bytes:
         """The value of ``key``, waiting up to ``timeout`` s for it to be set.

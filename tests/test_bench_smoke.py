@@ -52,3 +52,32 @@ def test_quick_benchmark_reports_every_variant(
     assert "| variant |" in capsys.readouterr().out
     assert len(servers) == 1
     assert not servers[0].member.running, "the benchmark left its etcd running"
+
+
+def test_history_growth_benchmark_runs(tmp_path: Path) -> None:
+    from benchmarks import history_growth
+
+    output = tmp_path / "growth.md"
+    assert history_growth.main(["--nodes", "10", "--writes", "4", "--output", str(output)]) == 0
+    rows = [line for line in output.read_text().splitlines() if line.startswith("| 10 |")]
+    assert len(rows) == 2  # compaction off and on
+
+
+def test_store_wakeup_benchmark_runs(tmp_path: Path) -> None:
+    from benchmarks import store_wakeup
+
+    output = tmp_path / "wakeup.md"
+    assert store_wakeup.main(["--rounds", "2", "--batches", "1", "--output", str(output)]) == 0
+    text = output.read_text()
+    assert "| TCPStore | 2 |" in text
+    assert "| EtcdStore | 2 |" in text
+
+
+@pytest.mark.slow
+def test_linearizability_soak_runs_and_finds_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import linearizability_soak
+
+    assert linearizability_soak.main(["--seconds", "4", "--clients", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "violations: 0" in out
+    assert "operations checked:" in out
