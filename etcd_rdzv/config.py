@@ -8,6 +8,7 @@ invalid value raises :class:`ValueError` naming the option and the value.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -37,6 +38,21 @@ DEFAULT_MAX_REQUEST_BYTES = 1536 * 1024
 DEFAULT_COMPRESS_THRESHOLD = 16 * 1024
 #: The environment variable a password is read from when no ``password_file`` is given.
 PASSWORD_ENV_VAR = "ETCD_RDZV_PASSWORD"
+
+log = logging.getLogger(__name__)
+
+#: The ``--rdzv-conf`` keys this library reads.
+BACKEND_OPTIONS = frozenset({
+    "read_timeout", "request_timeout", "connect_timeout", "protocol", "ca_cert", "ssl_cert",
+    "ssl_cert_key", "username", "password_file", "key_prefix", "ttl", "compress_threshold",
+    "max_request_bytes", "conflict_backoff", "wait", "compact_interval", "verify_state",
+})
+#: Keys torch's handler and launcher read or add (torchrun adds ``rank`` and ``timeout``).
+TORCH_OPTIONS = frozenset({
+    "join_timeout", "last_call_timeout", "close_timeout", "heartbeat_timeout",
+    "keep_alive_interval", "keep_alive_max_attempt", "timeout", "rank", "is_host",
+    "local_addr", "store_type", "use_libuv",
+})
 
 _HOST_PATTERN = re.compile(r"^[\w.-]+$")
 _IPV6_PATTERN = re.compile(r"^[0-9A-Fa-f:.]+(%[\w.-]+)?$")
@@ -273,6 +289,11 @@ class RendezvousConfig:
                 "variable."
             )
         validate_run_id(run_id)
+        unknown = sorted(set(options) - BACKEND_OPTIONS - TORCH_OPTIONS)
+        if unknown:
+            # Not an error: torch passes every --rdzv-conf key to every backend.
+            log.warning("Ignoring rendezvous options nobody reads: %s (etcd-v3 reads %s)",
+                        ", ".join(unknown), ", ".join(sorted(BACKEND_OPTIONS)))
 
         def get(name: str) -> Any:
             value = options.get(name)

@@ -177,9 +177,17 @@ def test_values_are_parsed_once_into_typed_fields() -> None:
     assert config.etcd.endpoints == (Endpoint("h1", 1), Endpoint("h2", 2))
 
 
-def test_handler_options_pass_through_untouched() -> None:
-    config = parse(join_timeout="5", last_call_timeout="1", keep_alive_interval="2")
-    assert config.ttl == 7200
+def test_handler_options_pass_through_without_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    parse(join_timeout="5", last_call_timeout="1", keep_alive_interval="2", rank="0",
+          timeout="900")
+    assert "Ignoring" not in caplog.text
+
+
+def test_a_misspelled_option_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    parse(ttll="30")
+    assert "Ignoring rendezvous options nobody reads: ttll" in caplog.text
 
 
 def test_configs_are_frozen() -> None:
