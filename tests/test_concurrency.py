@@ -11,25 +11,27 @@ from etcd_rdzv.elastic import EtcdRendezvousBackend
 ATTEMPTS_PER_WRITER = 25
 
 
+async def increment(backend: AsyncEtcdRendezvousBackend, attempts: int) -> int:
+    """Try ``attempts`` CAS increments of the counter in the state; return the successes."""
+    successes = 0
+    current = await backend.get_state()
+    assert current is not None
+    state, token = current
+    for _ in range(attempts):
+        result = await backend.set_state(b"%d" % (int(state) + 1), token)
+        assert result is not None
+        state, token, has_set = result
+        successes += has_set
+    return successes
+
+
 async def test_32_asyncio_tasks_count_exactly_their_successes(
     etcd_client: EtcdClient, key_prefix: str
 ) -> None:
     backend = AsyncEtcdRendezvousBackend(etcd_client, "counter", key_prefix=key_prefix)
     await backend.set_state(b"0")
-
-    async def writer() -> int:
-        successes = 0
-        current = await backend.get_state()
-        assert current is not None
-        state, token = current
-        for _ in range(ATTEMPTS_PER_WRITER):
-            result = await backend.set_state(b"%d" % (int(state) + 1), token)
-            assert result is not None
-            state, token, has_set = result
-            successes += has_set
-        return successes
-
-    successes = await asyncio.gather(*(writer() for _ in range(32)))
+    successes = await asyncio.gather(
+        *(increment(backend, ATTEMPTS_PER_WRITER) for _ in range(32)))
     final = await backend.get_state()
     assert final is not None
     assert int(final[0]) == sum(successes)
@@ -94,20 +96,7 @@ async def test_conflict_backoff_counts_stay_exact_under_contention(
     backend = AsyncEtcdRendezvousBackend(etcd_client, "counter", key_prefix=key_prefix,
                                          conflict_backoff=0.01)
     await backend.set_state(b"0")
-
-    async def writer() -> int:
-        successes = 0
-        current = await backend.get_state()
-        assert current is not None
-        state, token = current
-        for _ in range(10):
-            result = await backend.set_state(b"%d" % (int(state) + 1), token)
-            assert result is not None
-            state, token, has_set = result
-            successes += has_set
-        return successes
-
-    successes = await asyncio.gather(*(writer() for _ in range(16)))
+    successes = await asyncio.gather(*(increment(backend, 10) for _ in range(16)))
     final = await backend.get_state()
     assert final is not None
     assert int(final[0]) == sum(successes)
