@@ -24,7 +24,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -35,7 +35,15 @@ from aetcd import rpc
 from .config import Endpoint, EtcdConfig
 from .errors import EtcdAuthError, EtcdConnectionError, EtcdRendezvousError
 
-__all__ = ["Deadline", "EtcdClient", "KeyChange", "LeaseNotFoundError", "UnavailableError"]
+__all__ = [
+    "CompactedError",
+    "Deadline",
+    "EtcdClient",
+    "KeyChange",
+    "LeaseNotFoundError",
+    "UnavailableError",
+    "WatchEvent",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +69,13 @@ _inherited_clients: list[object] = []
 #: CANCELLED arrives when a channel is closed under a call (a failover reconnect).
 _TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                               grpc.StatusCode.CANCELLED})
+#: etcd server errors that pass, whatever status code carries them (a leader election, a
+#: server-side timeout while the cluster is busy).
+_TRANSIENT_DETAILS = ("context deadline exceeded", "request timed out", "leader changed",
+                      "no leader", "too many requests")
 _RETRY_BACKOFF_INITIAL = 0.05
+#: What a stream's read() returns at its end (grpc-stubs does not declare it).
+_EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 _RETRY_BACKOFF_MAX = 0.5
 
 
@@ -78,6 +92,27 @@ class KeyChange:
     was compacted away: read the key to learn its value)."""
 
     value: bytes | None
+
+
+class CompactedError(EtcdRendezvousError):
+    """A watch asked for history that etcd has compacted away; read the key instead."""
+
+    def __init__(self, message: str, compact_revision: int) -> None:
+        super().__init__(message)
+        #: The oldest revision etcd still has.
+        self.compact_revision = compact_revision
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """One change of a key, as :meth:`EtcdClient.watch` reports it."""
+
+    revision: int
+    """The revision of the change: a put's ``mod_revision``, or the revision of a delete."""
+    value: bytes | None
+    """The new value; None when the key was deleted."""
+    lease: int = 0
+    """The lease the new value carries (0: none)."""
 
 
 class LeaseNotFoundError(EtcdConnectionError):
@@ -144,7 +179,7 @@ def _map_grpc_error(exc: grpc.aio.AioRpcError, what: str, config: EtcdConfig,
     client that never got through is a configuration error and fails at once.
     """
     code, details, targets = exc.code(), exc.details() or "", config.targets
-    if code in _TRANSIENT_CODES:
+    if code in _TRANSIENT_CODES or any(text in details for text in _TRANSIENT_DETAILS):
         reason = _tls_failure(details, config, answered)
         if reason is not None:
             return EtcdConnectionError(f"{what} failed: cannot connect to etcd at {targets}: "
@@ -511,6 +546,90 @@ class EtcdClient:
             return int(response.TTL)
 
         return await self._retrying("Reading a lease", call, deadline)
+
+    async def lease_status(self, lease_id: int, deadline: Deadline) -> tuple[int, int]:
+        """``(seconds left, seconds granted)`` of a lease; ``(-1, 0)`` when it is gone."""
+        request = rpc.LeaseTimeToLiveRequest(ID=lease_id)
+
+        async def call(client: _AetcdClient, timeout: float) -> tuple[int, int]:
+            response = await client.leasestub.LeaseTimeToLive(
+                request, timeout=timeout, metadata=client.metadata
+            )
+            return int(response.TTL), int(response.grantedTTL)
+
+        return await self._retrying("Reading a lease", call, deadline)
+
+    async def watch(self, key: bytes, start_revision: int,
+                    deadline: Deadline) -> AsyncGenerator[WatchEvent, None]:
+        """The changes of ``key`` from ``start_revision`` on, for as long as the stream lasts.
+
+        Unlike :meth:`next_change`, the watch has a gRPC stream of its own, meant to stay
+        open. Opening it (connecting, etcd confirming the watch) is retried within
+        ``deadline``; after that the stream has no deadline: it yields each change as etcd
+        reports it, and a stalled connection is noticed by the channel's keepalive pings. To
+        resume after an error, watch again from the revision after the last change seen.
+
+        Raises:
+            UnavailableError: the watch could not be opened within ``deadline``, or the
+                stream broke or ended; resume from the last revision seen + 1.
+            CompactedError: etcd no longer has ``start_revision``; read the key instead.
+            EtcdAuthError: the credentials or the permissions were refused.
+        """
+        what = f"Watching {key.decode(errors='replace')!r}"
+        create = rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+            key=key, start_revision=start_revision))
+
+        async def open_stream(client: _AetcdClient, timeout: float) -> Any:
+            stream = rpc.WatchStub(client.channel).Watch(metadata=client.metadata)
+            try:
+                await stream.write(create)
+                try:
+                    response = await asyncio.wait_for(stream.read(), timeout)
+                except asyncio.TimeoutError:
+                    raise UnavailableError(f"{what} failed: etcd at {self._config.targets} did "
+                                           f"not confirm the watch within {timeout:g} s.") from None
+                if response is _EOF:
+                    raise UnavailableError(f"{what} failed: etcd at {self._config.targets} "
+                                           "closed the watch stream.")
+                self._check_watch_response(response, what)
+            except BaseException:
+                stream.cancel()
+                raise
+            return stream
+
+        stream = await self._retrying(what, open_stream, deadline)
+        try:
+            while True:
+                try:
+                    response = await stream.read()
+                except grpc.aio.AioRpcError as exc:
+                    raise _map_grpc_error(exc, what, self._config, self._answered) from exc
+                if response is _EOF:
+                    raise UnavailableError(f"{what} failed: etcd at {self._config.targets} "
+                                           "ended the watch stream.")
+                self._check_watch_response(response, what)
+                for event in response.events:
+                    kv = event.kv
+                    if event.type == rpc.Event.DELETE:
+                        yield WatchEvent(int(kv.mod_revision), None)
+                    else:
+                        yield WatchEvent(int(kv.mod_revision), bytes(kv.value), int(kv.lease))
+        finally:
+            stream.cancel()
+
+    def _check_watch_response(self, response: rpc.WatchResponse, what: str) -> None:
+        """Raise if a watch response says the watch cannot go on."""
+        if response.compact_revision:
+            raise CompactedError(f"{what} failed: etcd has compacted its history up to revision "
+                                 f"{response.compact_revision}.", int(response.compact_revision))
+        if response.canceled:
+            reason = response.cancel_reason or "no reason given"
+            if "permission denied" in reason:
+                raise EtcdAuthError(f"{what} failed: permission denied. The etcd user "
+                                    f"{self._config.username!r} needs read access to that "
+                                    f"key's prefix ({reason}).")
+            raise EtcdConnectionError(f"{what} failed: etcd at {self._config.targets} canceled "
+                                      f"the watch ({reason}).")
 
     async def next_change(
         self, key: bytes, start_revision: int, timeout: float

@@ -32,14 +32,18 @@ async def compacted_revision_of(client: EtcdClient, key: bytes) -> bool:
     return False
 
 
-async def test_compaction_is_off_by_default(etcd_client: EtcdClient, key_prefix: str) -> None:
-    backend = AsyncEtcdRendezvousBackend(etcd_client, "run", key_prefix=key_prefix)
-    token = None
-    for index in range(5):
-        result = await backend.set_state(b"%d" % index, token)
-        assert result is not None
-        token = result[1]
-    assert not await compacted_revision_of(etcd_client, backend.key)
+async def test_compaction_is_off_by_default() -> None:
+    with EtcdServer() as server:  # its own: other tests compact the shared server
+        config = EtcdConfig(endpoints=parse_endpoints(server.get_endpoint()))
+        async with EtcdClient(config) as client:
+            backend = AsyncEtcdRendezvousBackend(client, "run")
+            token = None
+            for index in range(5):
+                result = await backend.set_state(b"%d" % index, token)
+                assert result is not None
+                token = result[1]
+            await asyncio.sleep(1.5)
+            assert not await compacted_revision_of(client, backend.key)
 
 
 async def test_opt_in_compaction_runs_in_the_background() -> None:
