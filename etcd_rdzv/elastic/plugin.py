@@ -7,6 +7,7 @@ grpc and the core load when a handler is first created.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -58,6 +59,7 @@ def _create_backend(config: RendezvousConfig) -> tuple[EtcdRendezvousBackend, St
         ttl=config.ttl,
         codec=StateCodec(config.compress_threshold, config.max_request_bytes),
         conflict_backoff=config.conflict_backoff,
+        compact_interval=config.compact_interval,
     )
     probe_seconds = min(config.etcd.connect_timeout, config.etcd.read_timeout)
     run_for_torch(client.get(backend.async_backend.key, Deadline.after(probe_seconds)),
@@ -83,13 +85,19 @@ def create_handler(params: RendezvousParameters) -> RendezvousHandler:
 
     config = RendezvousConfig.from_options(params.endpoint, params.run_id, params.config)
     backend, store = _create_backend(config)
-    if config.wait == "watch":
-        from .fast_handler import create_fast_handler
+    try:
+        if config.wait == "watch":
+            from .fast_handler import create_fast_handler
 
-        return create_fast_handler(store, backend, params)
-    from torch.distributed.elastic.rendezvous import dynamic_rendezvous
+            return create_fast_handler(store, backend, params)
+        from torch.distributed.elastic.rendezvous import dynamic_rendezvous
 
-    return dynamic_rendezvous.create_handler(store, backend, params)
+        return dynamic_rendezvous.create_handler(store, backend, params)
+    except BaseException:
+        # torch refused a handler option: nothing will use the connection just opened.
+        with contextlib.suppress(Exception):
+            backend.close()
+        raise
 
 
 def handler_factory() -> Callable[[RendezvousParameters], RendezvousHandler]:
