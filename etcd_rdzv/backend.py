@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import re
@@ -11,7 +12,7 @@ from typing import Any, Final
 
 from aetcd import rpc
 
-from ._connection import Deadline, EtcdClient, UnavailableError
+from ._connection import CompactedError, Deadline, EtcdClient, UnavailableError
 from ._lease import AmortizedLease
 from .codec import StateCodec
 from .config import (
@@ -23,6 +24,7 @@ from .config import (
     validate_run_id,
 )
 from .errors import EtcdConnectionError
+from .state import decode_state
 
 __all__ = ["AsyncEtcdRendezvousBackend"]
 
@@ -77,6 +79,11 @@ class AsyncEtcdRendezvousBackend:
             write is followed (in the background, adding no latency) by a compaction of
             etcd's history up to that write's revision. It affects etcd's whole keyspace:
             off by default; prefer etcd's own ``--auto-compaction-*`` settings.
+        verify_state: when True, every state read from etcd (by ``get_state``, and the
+            current state a conflicted ``set_state`` returns) is first checked with the
+            restricted unpickler of :mod:`etcd_rdzv.state`; one that names anything but
+            torch's state classes, datetime and builtin containers raises
+            :class:`~etcd_rdzv.errors.EtcdStateError` instead of reaching ``pickle.loads``.
     """
 
     name = "etcd-v3"
@@ -91,6 +98,7 @@ class AsyncEtcdRendezvousBackend:
         codec: StateCodec | None = None,
         conflict_backoff: float = 0.0,
         compact_interval: float = 0.0,
+        verify_state: bool = False,
     ) -> None:
         validate_run_id(run_id)
         if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
@@ -105,6 +113,7 @@ class AsyncEtcdRendezvousBackend:
         self._compact_interval = validate_compact_interval(compact_interval)
         self._last_compaction = time.monotonic()
         self._compaction: asyncio.Task[bool] | None = None
+        self._verify_state = bool(verify_state)
 
     @property
     def key(self) -> bytes:
@@ -129,7 +138,8 @@ class AsyncEtcdRendezvousBackend:
 
         Raises:
             EtcdConnectionError: etcd did not answer within ``read_timeout``.
-            EtcdStateError: the stored value cannot be decoded.
+            EtcdStateError: the stored value cannot be decoded (or, with ``verify_state``,
+                is not a plain torch rendezvous state).
         """
         return await self._read(self._deadline())
 
@@ -138,7 +148,14 @@ class AsyncEtcdRendezvousBackend:
         if not response.kvs:
             return None
         kv = response.kvs[0]
-        return self._codec.decode(kv.value, key=self._key), int(kv.mod_revision)
+        return self._decode(kv.value), int(kv.mod_revision)
+
+    def _decode(self, value: bytes) -> bytes:
+        """The state stored as ``value``; with ``verify_state``, checked before it is returned."""
+        state = self._codec.decode(value, key=self._key)
+        if self._verify_state:
+            decode_state(state, key=self._key)
+        return state
 
     async def set_state(
         self, state: bytes, token: Any | None = None
@@ -268,7 +285,7 @@ class AsyncEtcdRendezvousBackend:
         if kv.value == value:
             # An earlier attempt of this very write landed (the tag makes it ours).
             return bytes(state), int(kv.mod_revision), True
-        return self._codec.decode(kv.value, key=self._key), int(kv.mod_revision), False
+        return self._decode(kv.value), int(kv.mod_revision), False
 
     async def _resolve_ambiguous(
         self, state: bytes, value: bytes, expected: int | None, deadline: Deadline
@@ -280,4 +297,40 @@ class AsyncEtcdRendezvousBackend:
         current = int(kv.mod_revision) if kv is not None else 0
         if (expected is None and kv is None) or expected == current:
             return _RETRY  # not applied (yet); the compare still guards a resend
+        # The key moved on. Our write, had it landed, was the first change after the revision
+        # it compared against (for a create: the put that created the key as it is now), and
+        # someone wrote over it since. The history tells which.
+        if expected is not None:
+            first = expected + 1
+        else:
+            assert kv is not None  # absent and no token returned _RETRY above
+            first = int(kv.create_revision)
+        landed_at = await self._first_change_if_ours(value, first, deadline)
+        if landed_at is not None:
+            return bytes(state), landed_at, True
         return self._on_conflict(state, value, [kv] if kv is not None else [])
+
+    async def _first_change_if_ours(
+        self, value: bytes, start_revision: int, deadline: Deadline
+    ) -> int | None:
+        """The revision of the key's first change from ``start_revision`` if it wrote
+        ``value``, else None.
+
+        Raises:
+            EtcdConnectionError: that history is compacted, or unreadable within
+                ``deadline``: the write's outcome cannot be known.
+        """
+        unknown = (f"Writing the rendezvous state {self._key.decode()!r} has an unknown "
+                   "outcome: etcd failed during the write and the state has changed since")
+        try:
+            async with contextlib.aclosing(
+                self._client.watch(self._key, start_revision, deadline)
+            ) as events:
+                event = await asyncio.wait_for(anext(events), max(0.001, deadline.remaining()))
+        except CompactedError as exc:
+            raise EtcdConnectionError(f"{unknown}, and etcd has compacted that history.") \
+                from exc
+        except (asyncio.TimeoutError, UnavailableError) as exc:
+            raise EtcdConnectionError(f"{unknown}, and its history could not be read.") \
+                from exc
+        return event.revision if event.value == value else None

@@ -10,6 +10,7 @@ import pytest
 import pytest_asyncio
 
 from etcd_rdzv import AsyncEtcdRendezvousBackend, EtcdClient, EtcdConfig, EtcdConnectionError
+from etcd_rdzv._connection import Deadline
 from etcd_rdzv.config import parse_endpoints
 from etcd_rdzv.testing import EtcdServer, free_port
 
@@ -89,3 +90,39 @@ async def test_unreachable_endpoint_fails_within_read_timeout_naming_it() -> Non
         await backend.set_state(b"x")
     assert time.monotonic() - started < 1.0 + 1.0
     await client.close()
+
+
+@pytest.mark.parametrize("ours_landed", [True, False])
+async def test_an_unknown_outcome_is_resolved_from_the_history(
+    backend: AsyncEtcdRendezvousBackend, ours_landed: bool
+) -> None:
+    """The race a timeout leaves open: our write may have landed and been overwritten
+    before we could read it back. The first change after our token tells whose it was."""
+    first = await backend.set_state(b"a")
+    assert first is not None
+    token = first[1]
+    ours = backend._codec.encode(b"ours", key=backend.key)
+    theirs = backend._codec.encode(b"theirs", key=backend.key)
+    client = backend.client
+    for value in ([ours, theirs] if ours_landed else [theirs]):
+        await client.put(backend.key, value, 0, Deadline.after(5))
+    outcome = await backend._resolve_ambiguous(b"ours", ours, token, Deadline.after(5))
+    if ours_landed:
+        assert outcome == (b"ours", token + 1, True)
+    else:
+        assert outcome == (b"theirs", token + 1, False)
+
+
+async def test_an_unknown_outcome_over_compacted_history_is_an_error(
+    backend: AsyncEtcdRendezvousBackend,
+) -> None:
+    first = await backend.set_state(b"a")
+    assert first is not None
+    codec, client = backend._codec, backend.client
+    ours = codec.encode(b"ours", key=backend.key)
+    await client.put(backend.key, codec.encode(b"x", key=backend.key), 0, Deadline.after(5))
+    revision = await client.put(backend.key, codec.encode(b"y", key=backend.key), 0,
+                                Deadline.after(5))
+    await client.compact(revision, Deadline.after(5))
+    with pytest.raises(EtcdConnectionError, match=r"unknown outcome.*compacted"):
+        await backend._resolve_ambiguous(b"ours", ours, first[1], Deadline.after(5))
