@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._connection import EtcdClient
+    from .admin import RendezvousAdmin, RunInfo, RunNotFoundError, StateSnapshot
     from .backend import AsyncEtcdRendezvousBackend
     from .codec import StateCodec
     from .config import Endpoint, EtcdConfig, RendezvousConfig
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
         StateTooLargeError,
         StoreTimeoutError,
     )
+    from .state import NodeDesc, RendezvousStateView, decode_state, encode_closed
     from .store import AsyncEtcdStore
 
 __version__ = "0.1.0"
@@ -51,6 +53,14 @@ _WHERE = {
     "EtcdStateError": ".errors",
     "StateTooLargeError": ".errors",
     "StoreTimeoutError": ".errors",
+    "RendezvousAdmin": ".admin",
+    "RunInfo": ".admin",
+    "RunNotFoundError": ".admin",
+    "StateSnapshot": ".admin",
+    "NodeDesc": ".state",
+    "RendezvousStateView": ".state",
+    "decode_state": ".state",
+    "encode_closed": ".state",
 }
 
 __all__ = [
@@ -65,12 +75,20 @@ __all__ = [
     "EtcdRendezvousError",
     "EtcdStateError",
     "EtcdStore",
+    "NodeDesc",
+    "RendezvousAdmin",
     "RendezvousConfig",
+    "RendezvousStateView",
+    "RunInfo",
+    "RunNotFoundError",
     "StateCodec",
+    "StateSnapshot",
     "StateTooLargeError",
     "StoreTimeoutError",
     "create_backend",
     "create_handler",
+    "decode_state",
+    "encode_closed",
 ]
 
 

@@ -272,6 +272,10 @@ class RendezvousConfig:
     #: (0: off, the default). Compaction covers etcd's whole keyspace: leave it to etcd's
     #: ``--auto-compaction-retention`` when you run etcd; see docs/operations.md.
     compact_interval: float = 0.0
+    #: Check every state read from etcd with a restricted unpickler before handing it to
+    #: torch (see :mod:`etcd_rdzv.state`): a state that names anything but torch's state
+    #: classes, datetime and builtin containers raises ``EtcdStateError``. Off by default.
+    verify_state: bool = False
 
     @classmethod
     def from_options(
@@ -350,6 +354,7 @@ class RendezvousConfig:
         conflict_backoff = get("conflict_backoff")
         wait = get("wait") or "poll"
         compact_interval = get("compact_interval")
+        verify_state = get("verify_state")
         if wait not in ("poll", "watch"):
             raise ValueError(f"The option wait must be 'poll' or 'watch', got wait={wait!r}.")
         return cls(
@@ -366,6 +371,8 @@ class RendezvousConfig:
             wait="watch" if wait == "watch" else "poll",
             compact_interval=0.0 if compact_interval is None
             else validate_compact_interval(compact_interval),
+            verify_state=False if verify_state is None else parse_bool("verify_state",
+                                                                       verify_state),
         )
 
     def __post_init__(self) -> None:
@@ -375,8 +382,28 @@ class RendezvousConfig:
         _integer("max_request_bytes", self.max_request_bytes, minimum=4096)
         validate_conflict_backoff(self.conflict_backoff)
         validate_compact_interval(self.compact_interval)
+        if not isinstance(self.verify_state, bool):
+            raise ValueError(f"The option verify_state must be a bool, got "
+                             f"verify_state={self.verify_state!r}.")
         if self.wait not in ("poll", "watch"):
             raise ValueError(f"The option wait must be 'poll' or 'watch', got wait={self.wait!r}.")
+
+
+_TRUE_WORDS = frozenset({"1", "true", "t", "yes", "y"})
+_FALSE_WORDS = frozenset({"0", "false", "f", "no", "n"})
+
+
+def parse_bool(name: str, value: object) -> bool:
+    """An option as a bool, with torch's words (``RendezvousParameters.get_as_bool``):
+    1/true/t/yes/y and 0/false/f/no/n in any case, a bool, or the int 1 or 0."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return value == 1
+    if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS | _FALSE_WORDS:
+        return value.strip().lower() in _TRUE_WORDS
+    raise ValueError(f"The option {name} must be a boolean (1, true, t, yes, y or 0, false, f, "
+                     f"no, n), got {name}={value!r}.")
 
 
 def validate_run_id(run_id: object) -> str:

@@ -45,7 +45,8 @@ class EtcdRendezvousBackend(RendezvousBackend):
 
     Raises:
         RendezvousConnectionError: etcd was not reached within ``read_timeout``.
-        RendezvousStateError: the stored state cannot be decoded or is too large to store.
+        RendezvousStateError: the stored state cannot be decoded or is too large to store;
+            with ``verify_state``, also a state that is not a plain torch rendezvous state.
     """
 
     def __init__(
@@ -58,10 +59,12 @@ class EtcdRendezvousBackend(RendezvousBackend):
         codec: StateCodec | None = None,
         conflict_backoff: float = 0.0,
         compact_interval: float = 0.0,
+        verify_state: bool = False,
     ) -> None:
         self._async = AsyncEtcdRendezvousBackend(
             client, run_id, key_prefix=key_prefix, ttl=ttl, codec=codec,
             conflict_backoff=conflict_backoff, compact_interval=compact_interval,
+            verify_state=verify_state,
         )
 
     @property

@@ -60,6 +60,7 @@ def _create_backend(config: RendezvousConfig) -> tuple[EtcdRendezvousBackend, St
         codec=StateCodec(config.compress_threshold, config.max_request_bytes),
         conflict_backoff=config.conflict_backoff,
         compact_interval=config.compact_interval,
+        verify_state=config.verify_state,
     )
     probe_seconds = min(config.etcd.connect_timeout, config.etcd.read_timeout)
     run_for_torch(client.get(backend.async_backend.key, Deadline.after(probe_seconds)),

@@ -1,0 +1,586 @@
+"""``etcd-rdzv``: inspect and manage rendezvous runs in etcd, or serve a development etcd.
+
+Commands: ``serve``, ``status RUN_ID``, ``list``, ``watch RUN_ID``, ``close RUN_ID``,
+``delete RUN_ID``, ``cleanup``. Every command but ``serve`` takes the connection flags
+(``--endpoints``, ``--key-prefix``, ``--ca-cert``, ``--cert``, ``--key``, ``--user``,
+``--password-file``, ``--protocol``, ``--timeout``), which mean what the options of
+``create_backend`` mean and are parsed by the same code, so the errors read the same.
+
+Exit codes: see :data:`EXIT_CODES` (and docs/cli.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import re
+import signal
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import aclosing
+from types import FrameType
+from typing import IO, Any
+
+from .config import DEFAULT_KEY_PREFIX, RendezvousConfig
+
+__all__ = [
+    "EXIT_AUTH",
+    "EXIT_CODES",
+    "EXIT_ERROR",
+    "EXIT_INTERRUPTED",
+    "EXIT_NOT_FOUND",
+    "EXIT_OK",
+    "EXIT_UNREACHABLE",
+    "EXIT_USAGE",
+    "main",
+    "parse_duration",
+]
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_UNREACHABLE = 4
+EXIT_AUTH = 5
+EXIT_INTERRUPTED = 130
+
+#: Every exit code and what it means.
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_ERROR: "an error: a state that cannot be decoded or is refused, etcd refusing a "
+                "request (out of space, ...), etcd exiting under `serve`",
+    EXIT_USAGE: "usage: an unknown command or flag, or an invalid value (the message names it)",
+    EXIT_NOT_FOUND: "the run has no state (status, close, delete)",
+    EXIT_UNREACHABLE: "etcd did not answer within --timeout, or TLS is misconfigured",
+    EXIT_AUTH: "etcd refused the credentials, or the user may not access the key prefix",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C) during a command other than watch and serve",
+}
+
+#: The environment variable ``--endpoints`` defaults to.
+ENDPOINTS_ENV_VAR = "ETCD_RDZV_ENDPOINTS"
+#: The CLI's default ``--timeout``: shorter than the backend's 60 s, for a person waiting.
+DEFAULT_CLI_TIMEOUT = 10
+DEFAULT_OLDER_THAN = "1h"
+#: Each backend option and the flag that sets it, to name the flag in error messages.
+_FLAG_OF_OPTION = {
+    "endpoint": "--endpoints",
+    "key_prefix": "--key-prefix",
+    "ca_cert": "--ca-cert",
+    "ssl_cert_key": "--key",
+    "ssl_cert": "--cert",
+    "username": "--user",
+    "password_file": "--password-file",
+    "protocol": "--protocol",
+    "read_timeout": "--timeout",
+    "run_id": "RUN_ID",
+}
+
+
+class _UsageError(Exception):
+    """A command line that cannot run; exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:
+        raise _UsageError(f"{self.prog}: {message}\n(see {self.prog} --help)")
+
+
+# --- durations and sizes --------------------------------------------------------------------
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``30s``, ``30m``, ``2h``, ``1d``, ``1h30m`` or a bare number of seconds.
+
+    Raises:
+        ValueError: ``text`` is none of those.
+    """
+    value = text.strip().lower()
+    if re.fullmatch(r"\d+(?:\.\d+)?", value):
+        return float(value)
+    if value and re.fullmatch(rf"(?:{_DURATION_PART.pattern})+", value):
+        return sum(float(number) * _UNIT_SECONDS[unit]
+                   for number, unit in _DURATION_PART.findall(value))
+    raise ValueError(f"invalid duration {text!r}: use a number with s, m, h or d, such as "
+                     "30m, 2h, 1d or 1h30m")
+
+
+def _duration_arg(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _human_seconds(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    minutes = seconds / 60
+    if minutes < 120:
+        return f"{minutes:.0f} min"
+    hours = minutes / 60
+    if hours < 48:
+        return f"{hours:.1f} h"
+    return f"{hours / 24:.1f} d"
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def _human_bytes(size: int) -> str:
+    if size < 1024:
+        return f"{size} B"
+    if size < 1024 * 1024:
+        return f"{size / 1024:.1f} KiB"
+    return f"{size / (1024 * 1024):.1f} MiB"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]],
+           right: Sequence[int] = ()) -> str:
+    """A plain-text table; columns whose index is in ``right`` are right-aligned."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        parts = [cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+                 for i, cell in enumerate(row)]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def _pairs(pairs: Sequence[tuple[str, object]]) -> str:
+    """``name  value`` lines, the values aligned."""
+    width = max(len(name) for name, _ in pairs)
+    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in pairs)
+
+
+# --- the parser -----------------------------------------------------------------------------
+
+def _connection_flags() -> _Parser:
+    flags = _Parser(add_help=False)
+    group = flags.add_argument_group(
+        "connection", "As the create_backend options of the same meaning (docs/configuration.md)."
+    )
+    group.add_argument("--endpoints", metavar="H:P[,H:P...]",
+                       default=os.environ.get(ENDPOINTS_ENV_VAR),
+                       help=f"etcd client endpoints, comma-separated (--rdzv-endpoint); default "
+                            f"${ENDPOINTS_ENV_VAR}, else localhost:2379")
+    group.add_argument("--key-prefix", metavar="PREFIX",
+                       help=f"where the runs' keys live (key_prefix); default {DEFAULT_KEY_PREFIX}")
+    group.add_argument("--protocol", choices=("http", "https"),
+                       help="https: TLS (protocol); default https when a certificate flag is "
+                            "given, else http")
+    group.add_argument("--ca-cert", metavar="PEM", help="CA of etcd's certificates (ca_cert)")
+    group.add_argument("--cert", metavar="PEM", help="client certificate for mutual TLS (ssl_cert)")
+    group.add_argument("--key", metavar="PEM", help="private key of --cert (ssl_cert_key)")
+    group.add_argument("--user", metavar="NAME", help="etcd user (username); the password comes "
+                       "from --password-file or $ETCD_RDZV_PASSWORD")
+    group.add_argument("--password-file", metavar="PATH", help="file holding the password "
+                       "(password_file)")
+    group.add_argument("--timeout", metavar="SECONDS", default=str(DEFAULT_CLI_TIMEOUT),
+                       help=f"deadline of each etcd operation, retries included (read_timeout); "
+                            f"default {DEFAULT_CLI_TIMEOUT}")
+    return flags
+
+
+def _build_parser() -> _Parser:
+    epilog = "exit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in
+                                         EXIT_CODES.items())
+    parser = _Parser(
+        prog="etcd-rdzv",
+        description=textwrap.fill("Inspect and manage torch rendezvous runs kept in etcd by "
+                                  "the etcd-v3 backend, or serve a local development etcd.", 88),
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+    connection = _connection_flags()
+
+    def command(name: str, summary: str, description: str,
+                with_connection: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name, help=summary, description=textwrap.fill(description, 88), epilog=epilog,
+            parents=[connection] if with_connection else [],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        return sub
+
+    serve = command("serve", "run a local development etcd until Ctrl-C",
+                    "Start one etcd member on loopback with temporary data (etcd_rdzv.testing."
+                    "EtcdServer), print its endpoint, and serve until Ctrl-C or SIGTERM; then "
+                    "stop etcd and remove its data. For development and demos, not production.",
+                    with_connection=False)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="the loopback address to listen on (default 127.0.0.1)")
+
+    status = command("status", "show a run's state",
+                     "Show a run's rendezvous state: round, whether it is complete or closed, "
+                     "and each node with its role, rank and last heartbeat.")
+    status.add_argument("run_id", metavar="RUN_ID", help="the run id (--rdzv-id)")
+    status.add_argument("--json", action="store_true", help="print JSON")
+
+    listing = command("list", "list the runs under the key prefix",
+                      "List every run under the key prefix with its round, state, nodes, "
+                      "revision, size, store keys, idle time and time left before its keys "
+                      "expire.")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+
+    watch = command("watch", "follow a run's state until Ctrl-C",
+                    "Print the run's state, then one line per change, until Ctrl-C. The watch "
+                    "resumes by itself after etcd failures.")
+    watch.add_argument("run_id", metavar="RUN_ID", help="the run id (--rdzv-id)")
+    watch.add_argument("--json", action="store_true", help="print one JSON object per change")
+
+    close = command("close", "close a run (as torch's set_closed does)",
+                    "Mark the run's rendezvous closed, as torch's handler set_closed() does "
+                    "when a job ends: agents see it on their next read of the state; a node "
+                    "that joins or re-joins gets RendezvousClosedError instead of waiting for "
+                    "a new round. Running workers are not interrupted.")
+    close.add_argument("run_id", metavar="RUN_ID", help="the run id (--rdzv-id)")
+    close.add_argument("--ttl", type=int, default=None, metavar="SECONDS",
+                       help="how long the closed state outlives this write (default 7200)")
+
+    delete = command("delete", "delete a run's state and store keys",
+                     "Delete the run's state and its store keys, in one transaction. Agents "
+                     "still running would start a new rendezvous; close the run first.")
+    delete.add_argument("run_id", metavar="RUN_ID", help="the run id (--rdzv-id)")
+
+    cleanup = command("cleanup", "delete runs idle for a while",
+                      "Delete every run whose last write (state or store) is older than "
+                      "--older-than, measured by etcd's lease clock. A run written to after "
+                      "the listing is kept. Runs of unknown age (keys without a lease) are "
+                      "never deleted.")
+    cleanup.add_argument("--older-than", type=_duration_arg, default=DEFAULT_OLDER_THAN,
+                         metavar="DURATION",
+                         help=f"idle time, such as 30m, 2h or 1d (default {DEFAULT_OLDER_THAN})")
+    cleanup.add_argument("--dry-run", action="store_true",
+                         help="show what would be deleted, delete nothing")
+    return parser
+
+
+# --- running commands -----------------------------------------------------------------------
+
+def _config(args: argparse.Namespace, run_id: str | None) -> RendezvousConfig:
+    tls = args.ca_cert or args.cert or args.key
+    options = {
+        "key_prefix": args.key_prefix,
+        "protocol": args.protocol or ("https" if tls else None),
+        "ca_cert": args.ca_cert,
+        "ssl_cert": args.cert,
+        "ssl_cert_key": args.key,
+        "username": args.user,
+        "password_file": args.password_file,
+        "read_timeout": args.timeout,
+    }
+    try:
+        # list and cleanup name no run; any valid id serves.
+        return RendezvousConfig.from_options(
+            args.endpoints, run_id if run_id is not None else "-",
+            {name: value for name, value in options.items() if value is not None},
+        )
+    except ValueError as exc:
+        message = str(exc)
+        flags = [flag for option, flag in _FLAG_OF_OPTION.items()
+                 if re.search(rf"\b{option}[=' ]", message) and flag not in message]
+        hint = f" (set by {' and '.join(dict.fromkeys(flags))})" if flags else ""
+        raise _UsageError(f"etcd-rdzv: {message}{hint}") from None
+
+
+def _admin_call(args: argparse.Namespace, run_id: str | None,
+                body: Callable[[Any, RendezvousConfig], Awaitable[int]]) -> int:
+    """Run ``body(admin, config)`` in a fresh event loop with a client that is closed after."""
+    config = _config(args, run_id)
+
+    async def run() -> int:
+        from ._connection import EtcdClient
+        from .admin import RendezvousAdmin
+
+        async with EtcdClient(config.etcd) as client:
+            ttl = getattr(args, "ttl", None)
+            admin = RendezvousAdmin(client, config.key_prefix,
+                                    **({"ttl": ttl} if ttl is not None else {}))
+            return await body(admin, config)
+
+    return asyncio.run(run())
+
+
+def _print(text: str = "", file: IO[str] | None = None) -> None:
+    print(text, file=file or sys.stdout, flush=True)
+
+
+def _state_word(state: Any) -> str:
+    if state.closed:
+        return "closed"
+    return "complete" if state.complete else "joining"
+
+
+async def _status(args: argparse.Namespace, admin: Any, config: RendezvousConfig) -> int:
+    from .admin import RunNotFoundError
+
+    snapshot = await admin.snapshot(args.run_id)
+    key = admin.state_key(args.run_id).decode()
+    if snapshot.state is None:
+        raise RunNotFoundError(f"No rendezvous state for run {args.run_id!r} under "
+                               f"{config.key_prefix!r} (key {key!r}).")
+    state = snapshot.state
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if args.json:
+        _print(json.dumps({
+            "run_id": args.run_id, "key": key, "revision": snapshot.revision,
+            "stored_bytes": snapshot.stored_bytes, "lease": snapshot.lease,
+            "state": state.to_dict(now),
+        }, indent=2))
+        return EXIT_OK
+    deadline = "none"
+    if state.deadline is not None:
+        left = (state.deadline - now).total_seconds()
+        deadline = f"{state.deadline.isoformat(timespec='seconds')} (" + (
+            f"in {_human_seconds(left)})" if left >= 0 else f"{_human_seconds(-left)} ago)")
+    _print(_pairs([
+        ("run", args.run_id),
+        ("key", f"{key} (revision {snapshot.revision}, {_human_bytes(snapshot.stored_bytes)} "
+                "stored)"),
+        ("round", state.round),
+        ("state", _state_word(state)),
+        ("deadline", deadline),
+        ("nodes", f"{_count(state.world_size, 'participant')}, {len(state.wait_list)} waiting, "
+                  f"{len(state.redundancy_list)} redundant"),
+    ]))
+    ages = state.heartbeat_ages(now)
+    rows = []
+    for node in state.nodes:
+        rank = state.participants.get(node)
+        age = ages.get(node)
+        rows.append((str(node), state.role(node), "-" if rank is None else rank,
+                     "-" if age is None else f"{_human_seconds(age.total_seconds())} ago"))
+    if rows:
+        _print()
+        _print(_table(("NODE", "ROLE", "RANK", "LAST HEARTBEAT"), rows, right=(2,)))
+    return EXIT_OK
+
+
+async def _list(args: argparse.Namespace, admin: Any, config: RendezvousConfig) -> int:
+    runs = await admin.list_runs()
+    if args.json:
+        _print(json.dumps([run.to_dict() for run in runs], indent=2))
+        return EXIT_OK
+    if not runs:
+        _print(f"No runs under {config.key_prefix!r}.")
+        return EXIT_OK
+    rows = []
+    for run in runs:
+        state = run.state
+        word = _state_word(state) if state is not None else (
+            "unreadable" if run.error else "no state")
+        rows.append((
+            run.run_id,
+            state.round if state is not None else "-",
+            word,
+            state.world_size if state is not None else "-",
+            run.revision if run.revision is not None else "-",
+            _human_bytes(run.state_bytes) if run.revision is not None else "-",
+            run.store_keys,
+            "?" if run.idle_seconds is None else _human_seconds(run.idle_seconds),
+            "?" if run.ttl_left is None else _human_seconds(run.ttl_left),
+        ))
+    _print(_table(("RUN", "ROUND", "STATE", "NODES", "REVISION", "SIZE", "STORE KEYS", "IDLE",
+                   "EXPIRES IN"), rows, right=(1, 3, 4, 5, 6, 7, 8)))
+    for run in runs:
+        if run.error:
+            _print(f"etcd-rdzv: run {run.run_id!r}: {run.error}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _watch_line(snapshot: Any) -> str:
+    stamp = datetime.datetime.now().strftime("%H:%M:%S")
+    state = snapshot.state
+    if state is None:
+        return f"{stamp}  revision {snapshot.revision}  no state (not created yet, or deleted)"
+    ranks = sorted(state.participants.values())
+    span = f" (ranks {ranks[0]}-{ranks[-1]})" if len(ranks) > 1 else (
+        f" (rank {ranks[0]})" if ranks else "")
+    return (f"{stamp}  revision {snapshot.revision}  round {state.round}  "
+            f"{_state_word(state)}  {_count(state.world_size, 'participant')}{span}, "
+            f"{len(state.wait_list)} waiting, {len(state.redundancy_list)} redundant")
+
+
+async def _watch(args: argparse.Namespace, admin: Any, config: RendezvousConfig) -> int:
+    async with aclosing(admin.watch_state(args.run_id)) as snapshots:
+        async for snapshot in snapshots:
+            if args.json:
+                _print(json.dumps({
+                    "run_id": args.run_id, "revision": snapshot.revision,
+                    "state": None if snapshot.state is None else snapshot.state.to_dict(),
+                }))
+            else:
+                _print(_watch_line(snapshot))
+    return EXIT_OK
+
+
+async def _close(args: argparse.Namespace, admin: Any, config: RendezvousConfig) -> int:
+    if await admin.close_run(args.run_id):
+        _print(f"Closed run {args.run_id!r}: no node may join or re-join it any more "
+               "(running workers are not interrupted).")
+    else:
+        _print(f"Run {args.run_id!r} was already closed.")
+    return EXIT_OK
+
+
+async def _delete(args: argparse.Namespace, admin: Any, config: RendezvousConfig) -> int:
+    from .admin import RunNotFoundError
+
+    deleted = await admin.delete_run(args.run_id)
+    if not deleted:
+        raise RunNotFoundError(f"Run {args.run_id!r} has no keys under {config.key_prefix!r}.")
+    _print(f"Deleted run {args.run_id!r}: {_count(deleted, 'key')}.")
+    return EXIT_OK
+
+
+async def _cleanup(args: argparse.Namespace, admin: Any, config: RendezvousConfig) -> int:
+    older_than = args.older_than
+    _print(f"Listing the runs under {config.key_prefix!r}...", file=sys.stderr)
+    runs = await admin.list_runs()
+    stale = [run for run in runs if run.idle_seconds is not None
+             and run.idle_seconds >= older_than]
+    unknown = [run for run in runs if run.idle_seconds is None]
+    limit = _human_seconds(older_than)
+    note = f"; {len(unknown)} of unknown age kept" if unknown else ""
+    if not stale:
+        _print(f"No run idle for {limit} or more ({_count(len(runs), 'run')}{note}).")
+        return EXIT_OK
+    if args.dry_run:
+        _print(f"Would delete {len(stale)} of {_count(len(runs), 'run')} (idle for {limit} "
+               f"or more{note}):")
+        for run in stale:
+            keys = int(run.revision is not None) + run.store_keys
+            _print(f"  {run.run_id}  ({_count(keys, 'key')}, idle "
+                   f"{_human_seconds(run.idle_seconds)})")
+        return EXIT_OK
+    total_keys = deleted_runs = 0
+    width = len(str(len(stale)))
+    for index, run in enumerate(stale, 1):
+        deleted = await admin.delete_run(run.run_id, unchanged_since=run.last_revision)
+        progress = f"[{index:>{width}}/{len(stale)}]"
+        if deleted is None:
+            _print(f"{progress} kept {run.run_id}: written to since the listing")
+            continue
+        deleted_runs += 1
+        total_keys += deleted
+        _print(f"{progress} deleted {run.run_id} ({_count(deleted, 'key')}, idle "
+               f"{_human_seconds(run.idle_seconds)})")
+    _print(f"Deleted {_count(deleted_runs, 'run')} ({_count(total_keys, 'key')}) idle for "
+           f"{limit} or more{note}.")
+    return EXIT_OK
+
+
+# --- serve ----------------------------------------------------------------------------------
+
+def _serve(args: argparse.Namespace) -> int:
+    from .testing import EtcdServer, EtcdStartError
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {signum: signal.signal(signum, on_signal)
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    server = EtcdServer(host=args.host)
+    try:
+        started = time.monotonic()
+        try:
+            server.start()
+        except EtcdStartError as exc:
+            _print(f"etcd-rdzv: etcd did not start: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        endpoint = server.get_endpoint()
+        _print(f"etcd is serving on {endpoint} (started in {time.monotonic() - started:.1f} s, "
+               f"data in {server.data_dir}, removed on exit). Ctrl-C stops it.")
+        _print(f"export {ENDPOINTS_ENV_VAR}={endpoint}")
+        _print(f"torchrun --rdzv-backend=etcd-v3 --rdzv-endpoint={endpoint} --rdzv-id=RUN ...")
+        while not stop.wait(0.5):
+            if not server.member.running:
+                _print(f"etcd-rdzv: etcd exited unexpectedly:\n{server.log_tail()}",
+                       file=sys.stderr)
+                return EXIT_ERROR
+        _print("Stopping etcd.", file=sys.stderr)
+        return EXIT_OK
+    finally:
+        server.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+# --- main -----------------------------------------------------------------------------------
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace, Any, RendezvousConfig], Awaitable[int]]] = {
+    "status": _status,
+    "list": _list,
+    "watch": _watch,
+    "close": _close,
+    "delete": _delete,
+    "cleanup": _cleanup,
+}
+
+
+def _exit_code(exc: BaseException) -> int:
+    from ._connection import UnavailableError
+    from .admin import RunNotFoundError
+    from .errors import EtcdAuthError, EtcdConnectionError
+
+    if isinstance(exc, RunNotFoundError):
+        return EXIT_NOT_FOUND
+    if isinstance(exc, EtcdAuthError):
+        return EXIT_AUTH
+    if isinstance(exc, UnavailableError) or (
+            isinstance(exc, EtcdConnectionError) and "cannot connect" in str(exc)):
+        return EXIT_UNREACHABLE
+    return EXIT_ERROR
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``etcd-rdzv`` command line; return the exit code."""
+    from .errors import EtcdRendezvousError
+
+    parser = _build_parser()
+    command = None
+    try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help and --version
+            return exc.code if isinstance(exc.code, int) else EXIT_OK
+        command = args.command
+        if command == "serve":
+            return _serve(args)
+        body = _COMMANDS[command]
+        return _admin_call(args, getattr(args, "run_id", None),
+                           lambda admin, config: body(args, admin, config))
+    except _UsageError as exc:
+        _print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+    except EtcdRendezvousError as exc:
+        _print(f"etcd-rdzv: {exc}", file=sys.stderr)
+        return _exit_code(exc)
+    except KeyboardInterrupt:
+        return EXIT_OK if command == "watch" else EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`etcd-rdzv watch RUN | head`): stop quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
