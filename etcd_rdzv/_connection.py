@@ -19,6 +19,7 @@ refreshed. This module owns that policy so that nothing else imports aetcd or gr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -639,28 +640,20 @@ class EtcdClient:
         Returns the change (its new value for a put), or None when ``timeout`` passed first
         or the watch broke: the caller re-reads either way, so nothing is missed.
         """
+        started = time.monotonic()
         try:
-            client = await self._connected()
-        except grpc.aio.AioRpcError as exc:
-            raise _map_grpc_error(exc, "Watching", self._config, self._answered) from exc
-
-        async def first_event() -> KeyChange | None:
-            watch = await client.watch(key, start_revision=start_revision)
-            try:
-                async for event in watch:
-                    return KeyChange(bytes(event.kv.value) if event.kind == "PUT" else None)
-                return None
-            finally:
-                await watch.cancel()
-
-        try:
-            return await asyncio.wait_for(first_event(), timeout)
+            async with contextlib.aclosing(
+                self.watch(key, start_revision, Deadline.after(timeout))
+            ) as events:
+                event = await asyncio.wait_for(anext(events), timeout)
         except asyncio.TimeoutError:
             return None
-        except aetcd.exceptions.RevisionCompactedError:
+        except CompactedError:
             return KeyChange(None)  # history is gone; a read tells the current value
-        except aetcd.exceptions.ClientError as exc:
+        except UnavailableError as exc:
             log.debug("watch on %r broke (%s); re-reading", key, exc)
-            await asyncio.sleep(min(timeout, _RETRY_BACKOFF_MAX))
+            left = timeout - (time.monotonic() - started)
+            await asyncio.sleep(max(0.0, min(left, _RETRY_BACKOFF_MAX)))
             return None
+        return KeyChange(event.value)
 
