@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test pytest lint demo bench bench-quick clean
+.PHONY: install test pytest lint docs demo bench bench-quick clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-test: lint pytest
+test: lint docs pytest
 
 pytest: install
 	$(BIN)/python -m pytest
@@ -27,14 +27,19 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+docs: install
+	$(BIN)/mkdocs build --strict -d build/site
+
 demo: install
-	$(BIN)/python examples/rendezvous_demo.py
+	$(BIN)/python examples/torchrun_demo.py
 
 bench: install
-	$(BIN)/python -m benchmarks.backend_calls
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python -m benchmarks
 
 bench-quick: install
-	$(BIN)/python -m benchmarks.backend_calls --quick
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python -m benchmarks --quick
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
