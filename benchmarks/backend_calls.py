@@ -1,25 +1,31 @@
-"""Per-call latency of the rendezvous backend, side by side with raw aetcd floors.
+"""Per-call latency of the rendezvous backends, side by side with raw aetcd floors.
 
 Run::
 
     python -m benchmarks.backend_calls [--quick] [--calls N] [--rounds R] [--warmup W]
                                        [--output PATH]
 
-One etcd (:class:`etcd_rdzv.testing.EtcdServer`, loopback, fsync on) serves every variant,
-each on its own key:
+One etcd (:class:`etcd_rdzv.testing.EtcdServer`, loopback, fsync on, v2 API enabled) serves
+every etcd variant, each on its own key; a ``TCPStore`` served by this process serves c10d:
 
-* ``raw txn`` (floor A): an aetcd ``Txn`` (compare ``mod_revision`` → ``Put`` with a lease,
+* ``raw txn`` (floor): an aetcd ``Txn`` (compare ``mod_revision`` → ``Put`` with a lease,
   else ``Range``), the token updated each time: the work of a successful CAS.
-* ``raw get`` (floor B): an aetcd linearizable ``get``.
+* ``raw txn stale`` (floor): the same ``Txn`` with a stale revision: the compare fails and
+  the ``Range`` returns the current value; the work of a conflicted CAS.
+* ``raw get`` (floor): an aetcd linearizable ``get``.
 * ``async get_state``, ``async set_state`` (CAS that succeeds), ``async set_state stale``
   (the conflict path: one ``Txn`` that returns the current state), awaited on asyncio.
-* ``shim get_state``, ``shim set_state``: the sync :class:`EtcdRendezvousBackend`, called
-  from the main thread while its coroutines run on the portal's loop thread.
+* ``shim ...``: the same three through the sync :class:`EtcdRendezvousBackend` (torch's
+  interface), called from the main thread while its coroutines run on the portal's loop
+  thread.
+* ``etcd-v2 ...``: torch's ``EtcdRendezvousBackend`` (python-etcd, HTTP/JSON, base64), on
+  the same etcd through its v2 API; skipped, with a note, when python-etcd is missing.
+* ``c10d ...``: torch's ``C10dRendezvousBackend`` over a ``TCPStore`` client.
 
 Each round runs every variant for ``--calls`` sequential calls, the order rotated from round
 to round so that machine noise falls on all of them alike. The asyncio variants run on one
-event loop of the main thread, driven only during their own phase, so the shim is always
-called from a thread with no running loop. Setup and ``--warmup`` calls (the first
+event loop of the main thread, driven only during their own phase, so the sync variants are
+always called from a thread with no running loop. Setup and ``--warmup`` calls (the first
 ``set_state`` grants a lease) are not measured. Timings are printed and written as Markdown;
 nothing about them is asserted: the machine may be shared and noisy.
 """
@@ -27,39 +33,45 @@ nothing about them is asserted: the machine may be shared and noisy.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import datetime
 import os
-import platform
 import shlex
-import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Coroutine, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
-from typing import Any, TypeVar
+from typing import Any
 
 import aetcd
+from torch.distributed.elastic.rendezvous.dynamic_rendezvous import RendezvousBackend
 
 from etcd_rdzv._connection import EtcdClient
 from etcd_rdzv.backend import AsyncEtcdRendezvousBackend
 from etcd_rdzv.codec import HEADER_SIZE
 from etcd_rdzv.config import EtcdConfig, parse_endpoints
 from etcd_rdzv.elastic.backend import EtcdRendezvousBackend
-from etcd_rdzv.testing import EtcdServer, find_etcd_binary
 
-__all__ = ["DEFAULT_OUTPUT", "Variant", "main", "run"]
+from . import _backends, _plots
+from ._backends import C10D, ETCD_V2, BenchServers
+from ._common import (
+    RESULTS_DIR,
+    Loop,
+    exit_on_sigterm,
+    machine_description,
+    markdown_table,
+    non_negative,
+    now_utc,
+    percentile,
+    positive,
+    write_text,
+)
 
-T = TypeVar("T")
+__all__ = ["DEFAULT_OUTPUT", "CallResults", "Variant", "collect", "main", "markdown", "run"]
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "backend_calls.md"
+DEFAULT_OUTPUT = RESULTS_DIR / "backend_calls.md"
 STATE_SIZE = 300
 KEY_PREFIX = "/etcd-rdzv-bench"
 #: Per-RPC deadline of the raw client (aetcd's default, None, waits forever on a hung server).
@@ -69,9 +81,14 @@ RAW_LEASE_TTL = 7260
 #: (calls per variant per round, rounds, warm-up calls per variant)
 #: Many short rounds interleave better than a few long ones on a machine whose load drifts.
 FULL = (100, 15, 30)
-QUICK = (50, 5, 10)
+QUICK = (30, 4, 10)
 
-RAW_TXN, RAW_GET = "raw txn", "raw get"
+RAW_TXN, RAW_STALE, RAW_GET = "raw txn", "raw txn stale", "raw get"
+GET, SET, STALE = "get_state", "set_state", "set_state stale"
+OPS = (GET, SET, STALE)
+#: The comparison table's columns: (family, heading).
+FAMILIES = (("raw", "raw aetcd floor"), ("etcd-v3 async", "etcd-v3 async"),
+            ("etcd-v3 shim", "etcd-v3 shim"), (ETCD_V2, "etcd-v2"), (C10D, "c10d"))
 
 
 class BenchmarkError(RuntimeError):
@@ -83,6 +100,8 @@ class Variant:
 
     name: str
     floor: str | None = None
+    family: str
+    op: str
     is_async: bool
 
     async def asetup(self) -> None:
@@ -107,7 +126,7 @@ class SyncVariant(Variant):
 
 
 class RawTxn(AsyncVariant):
-    name = RAW_TXN
+    name, family, op = RAW_TXN, "raw", SET
 
     def __init__(self, client: Any, key: bytes, value: bytes) -> None:
         self._client, self._key, self._value = client, key, value
@@ -127,20 +146,41 @@ class RawTxn(AsyncVariant):
             raise BenchmarkError(f"The key {self._key!r} already exists.")
         self._token = int(responses[0].response_put.header.revision)
 
-    async def acall(self) -> None:
+    async def _txn(self, token: int) -> tuple[bool, Any]:
         tx = self._client.transactions  # compare objects are mutated by ==: fresh ones
         ok, responses = await self._client.transaction(
-            compare=[tx.mod(self._key) == self._token],
+            compare=[tx.mod(self._key) == token],
             success=[tx.put(self._key, self._value, lease=self._lease_id)],
             failure=[tx.get(self._key)],
         )
+        return bool(ok), responses
+
+    async def acall(self) -> None:
+        ok, responses = await self._txn(self._token)
         if not ok:
             raise BenchmarkError(f"The raw CAS on {self._key!r} failed.")
         self._token = int(responses[0].response_put.header.revision)
 
 
+class RawTxnStale(RawTxn):
+    """The same Txn with a stale revision: the compare fails, the Range answers."""
+
+    name, family, op = RAW_STALE, "raw", STALE
+
+    async def asetup(self) -> None:
+        await super().asetup()
+        stale = self._token
+        await super().acall()  # the key moves on; the first token is stale from now on
+        self._token = stale
+
+    async def acall(self) -> None:
+        ok, responses = await self._txn(self._token)
+        if ok or not responses:
+            raise BenchmarkError(f"The stale raw CAS on {self._key!r} did not fail.")
+
+
 class RawGet(AsyncVariant):
-    name = RAW_GET
+    name, family, op = RAW_GET, "raw", GET
 
     def __init__(self, client: Any, key: bytes, value: bytes) -> None:
         self._client, self._key, self._value = client, key, value
@@ -154,8 +194,7 @@ class RawGet(AsyncVariant):
 
 
 class AsyncGet(AsyncVariant):
-    name = "async get_state"
-    floor = RAW_GET
+    name, floor, family, op = "async get_state", RAW_GET, "etcd-v3 async", GET
 
     def __init__(self, backend: AsyncEtcdRendezvousBackend, state: bytes) -> None:
         self._backend, self._state = backend, state
@@ -171,8 +210,7 @@ class AsyncGet(AsyncVariant):
 
 
 class AsyncSet(AsyncVariant):
-    name = "async set_state"
-    floor = RAW_TXN
+    name, floor, family, op = "async set_state", RAW_TXN, "etcd-v3 async", SET
 
     def __init__(self, backend: AsyncEtcdRendezvousBackend, state: bytes) -> None:
         self._backend, self._state = backend, state
@@ -189,8 +227,7 @@ class AsyncSet(AsyncVariant):
 
 
 class AsyncSetStale(AsyncVariant):
-    name = "async set_state stale"
-    floor = RAW_TXN
+    name, floor, family, op = "async set_state stale", RAW_STALE, "etcd-v3 async", STALE
 
     def __init__(self, backend: AsyncEtcdRendezvousBackend, state: bytes) -> None:
         self._backend, self._state = backend, state
@@ -212,39 +249,62 @@ class AsyncSetStale(AsyncVariant):
             raise BenchmarkError(f"A stale CAS did not return the current state: {result!r}")
 
 
-class ShimGet(SyncVariant):
-    name = "shim get_state"
-    floor = RAW_GET
+class SyncGet(SyncVariant):
+    """``get_state`` through torch's interface (the etcd-v3 shim, etcd-v2, c10d)."""
 
-    def __init__(self, backend: EtcdRendezvousBackend, state: bytes) -> None:
+    op = GET
+
+    def __init__(self, family: str, name: str, floor: str | None,
+                 backend: RendezvousBackend, state: bytes) -> None:
+        self.family, self.name, self.floor = family, name, floor
         self._backend, self._state = backend, state
 
     def setup(self) -> None:
         result = self._backend.set_state(self._state, None)
         if result is None or not result[2]:
-            raise BenchmarkError("Creating the state failed.")
+            raise BenchmarkError(f"{self.name}: creating the state failed.")
 
     def call(self) -> None:
         if self._backend.get_state() is None:
-            raise BenchmarkError("The state is missing.")
+            raise BenchmarkError(f"{self.name}: the state is missing.")
 
 
-class ShimSet(SyncVariant):
-    name = "shim set_state"
-    floor = RAW_TXN
-
-    def __init__(self, backend: EtcdRendezvousBackend, state: bytes) -> None:
-        self._backend, self._state = backend, state
-        self._token: Any = None
+class SyncSet(SyncGet):
+    op = SET
+    _token: Any = None
 
     def setup(self) -> None:
-        self.call()  # creates the state (token None) and grants the shim's lease
+        self.call()  # creates the state (token None); etcd-v3 grants its lease
 
     def call(self) -> None:
         result = self._backend.set_state(self._state, self._token)
         if result is None or not result[2]:
-            raise BenchmarkError(f"A CAS with the current token {self._token} failed.")
+            raise BenchmarkError(f"{self.name}: a CAS with the current token failed.")
         self._token = result[1]
+
+
+class SyncSetStale(SyncGet):
+    """A write with a stale token: the state written differs from the current one (c10d
+    decides success by comparing the two)."""
+
+    op = STALE
+    _stale: Any = None
+    _current: Any = None
+
+    def setup(self) -> None:
+        first = self._backend.set_state(self._state, None)
+        if first is None or not first[2]:
+            raise BenchmarkError(f"{self.name}: creating the state failed.")
+        second = self._backend.set_state(self._state[::-1], first[1])
+        if second is None or not second[2]:
+            raise BenchmarkError(f"{self.name}: updating the state failed.")
+        self._stale, self._current = first[1], second[1]
+
+    def call(self) -> None:
+        result = self._backend.set_state(self._state, self._stale)
+        if result is None or result[2] or result[1] != self._current:
+            raise BenchmarkError(f"{self.name}: a stale CAS did not return the current "
+                                 f"state: {result!r}")
 
 
 async def _time_async(variant: Variant, calls: int) -> list[int]:
@@ -265,30 +325,6 @@ def _time_sync(variant: Variant, calls: int) -> list[int]:
     return samples
 
 
-class _Loop:
-    """An event loop of the main thread, running only inside :meth:`run`."""
-
-    def __init__(self) -> None:
-        self._loop = asyncio.new_event_loop()
-
-    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return self._loop.run_until_complete(coroutine)
-
-    def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        try:
-            pending = asyncio.all_tasks(self._loop)
-            for task in pending:
-                task.cancel()
-            if pending:
-                self._loop.run_until_complete(
-                    asyncio.gather(*pending, return_exceptions=True))
-            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
-        finally:
-            self._loop.close()
-
-
 @dataclass(frozen=True)
 class Result:
     """The latencies of one variant, in ns, one list per round."""
@@ -296,43 +332,99 @@ class Result:
     variant: str
     floor: str | None
     rounds: list[list[int]]
+    family: str = ""
+    op: str = ""
 
     @property
     def all(self) -> list[int]:
         return [sample for samples in self.rounds for sample in samples]
 
+    @property
+    def median(self) -> float:
+        return float(statistics.median(self.all))
 
-def measure(endpoint: str, host: str, port: int, *, calls: int, rounds: int,
-            warmup: int) -> list[Result]:
-    """Set up every variant on the etcd at ``endpoint`` and time them in rotated rounds."""
+
+@dataclass(frozen=True)
+class CallResults:
+    """Every variant's latencies, the settings, and the variants that could not run."""
+
+    results: list[Result]
+    calls: int
+    rounds: int
+    warmup: int
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def get(self, family: str, op: str) -> Result | None:
+        return next((r for r in self.results if r.family == family and r.op == op), None)
+
+    def by_name(self, name: str) -> Result:
+        return next(r for r in self.results if r.variant == name)
+
+
+def paired_ratios(mine: Result, theirs: Result) -> list[float]:
+    """Per round, the ratio of the two variants' medians (the same minutes of load)."""
+    return [statistics.median(a) / statistics.median(b)
+            for a, b in zip(mine.rounds, theirs.rounds, strict=True)]
+
+
+def measure(servers: BenchServers, *, calls: int, rounds: int, warmup: int,
+            c10d: bool = True) -> CallResults:
+    """Set up every variant on ``servers`` and time them in rotated rounds."""
+    endpoint = servers.etcd_endpoint
     run_tag = uuid.uuid4().hex[:8]
     state = os.urandom(STATE_SIZE)
     stored = os.urandom(STATE_SIZE + HEADER_SIZE)  # what the backend stores: same size
     config = EtcdConfig(endpoints=parse_endpoints(endpoint), read_timeout=30.0,
                         request_timeout=RAW_TIMEOUT, connect_timeout=10.0)
-    loop = _Loop()
-    raw = aetcd.Client(host, port, timeout=RAW_TIMEOUT)
+    loop = Loop()
+    raw = aetcd.Client(servers.etcd.get_host(), servers.etcd.get_port(), timeout=RAW_TIMEOUT)
     client = EtcdClient(config)
     shim_client = EtcdClient(config)
+    skipped: dict[str, str] = {}
+    torch_backends: list[RendezvousBackend] = []
+    shims: list[EtcdRendezvousBackend] = []
 
     def backend(variant: str) -> AsyncEtcdRendezvousBackend:
         return AsyncEtcdRendezvousBackend(client, f"{run_tag}-{variant}", key_prefix=KEY_PREFIX)
 
-    def shim(variant: str) -> EtcdRendezvousBackend:
-        return EtcdRendezvousBackend(shim_client, f"{run_tag}-{variant}", key_prefix=KEY_PREFIX)
+    def shim(variant: str) -> SyncVariant:
+        cls = {GET: SyncGet, SET: SyncSet, STALE: SyncSetStale}[variant]
+        floor = {GET: RAW_GET, SET: RAW_TXN, STALE: RAW_STALE}[variant]
+        key = f"{run_tag}-shim-{variant.replace(' ', '-').replace('_', '-')}"
+        shims.append(EtcdRendezvousBackend(shim_client, key, key_prefix=KEY_PREFIX))
+        return cls("etcd-v3 shim", f"shim {variant}", floor, shims[-1], state)
 
-    shim_get, shim_set = shim("shim-get"), shim("shim-set")
+    def torch_variants(kind: str) -> list[Variant]:
+        made: list[Variant] = []
+        for op, cls in ((GET, SyncGet), (SET, SyncSet), (STALE, SyncSetStale)):
+            run_id = f"{run_tag}-{kind}-{op.replace(' ', '-').replace('_', '-')}"
+            params = _backends.parameters(kind, servers.endpoint(kind), run_id,
+                                          config={"read_timeout": 30})
+            made_backend, _store = _backends.create_backend(kind, params)
+            torch_backends.append(made_backend)
+            made.append(cls(kind, f"{kind} {op}", None, made_backend, state))
+        return made
+
     variants: list[Variant] = [
         RawTxn(raw, f"{KEY_PREFIX}/{run_tag}-raw-txn".encode(), stored),
+        RawTxnStale(raw, f"{KEY_PREFIX}/{run_tag}-raw-txn-stale".encode(), stored),
         RawGet(raw, f"{KEY_PREFIX}/{run_tag}-raw-get".encode(), stored),
         AsyncGet(backend("async-get"), state),
         AsyncSet(backend("async-set"), state),
         AsyncSetStale(backend("async-set-stale"), state),
-        ShimGet(shim_get, state),
-        ShimSet(shim_set, state),
+        shim(GET), shim(SET), shim(STALE),
     ]
-    shim_used = False
+    shim_used = False  # the shims' client, shared by all three, lives on the portal's loop
     try:
+        reason = _backends.v2_unavailable()
+        if reason is None:
+            variants += torch_variants(ETCD_V2)
+        else:
+            skipped[ETCD_V2] = reason
+        if c10d:
+            variants += torch_variants(C10D)
+        else:
+            skipped[C10D] = "not asked for"
         for variant in variants:
             if variant.is_async:
                 loop.run(variant.asetup())
@@ -352,7 +444,9 @@ def measure(endpoint: str, host: str, port: int, *, calls: int, rounds: int,
                     samples[variant.name].append(loop.run(_time_async(variant, calls)))
                 else:
                     samples[variant.name].append(_time_sync(variant, calls))
-        return [Result(v.name, v.floor, samples[v.name]) for v in variants]
+        return CallResults(
+            [Result(v.name, v.floor, samples[v.name], v.family, v.op) for v in variants],
+            calls, rounds, warmup, skipped)
     finally:
         try:
             with contextlib.suppress(Exception):
@@ -361,7 +455,10 @@ def measure(endpoint: str, host: str, port: int, *, calls: int, rounds: int,
                 loop.run(raw.close())
             if shim_used:
                 with contextlib.suppress(Exception):
-                    shim_set.close()  # the shim's client, shared by both shim variants
+                    shims[0].close()
+            for made in torch_backends:
+                with contextlib.suppress(Exception):
+                    _backends.close_backend(made)
         finally:
             loop.close()
 
@@ -370,178 +467,194 @@ def _us(ns: float) -> str:
     return f"{ns / 1000:,.1f}"
 
 
-def _percentile(sorted_samples: Sequence[int], fraction: float) -> float:
-    index = min(len(sorted_samples) - 1, max(0, round(fraction * (len(sorted_samples) - 1))))
-    return float(sorted_samples[index])
-
-
-def format_tables(results: Sequence[Result]) -> str:
-    """The latency table and the ratio table, in Markdown."""
-    by_name = {result.variant: result for result in results}
-    lines = [
-        "| variant | calls | median µs | p90 µs | min µs | max µs |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for result in results:
+def format_tables(results: CallResults) -> str:
+    """The latency table and the ratio-to-floor table, in Markdown."""
+    rows = []
+    for result in results.results:
         samples = sorted(result.all)
-        lines.append(
-            f"| {result.variant} | {len(samples)} | {_us(statistics.median(samples))} | "
-            f"{_us(_percentile(samples, 0.9))} | {_us(samples[0])} | {_us(samples[-1])} |"
-        )
-    lines += [
-        "",
-        "| variant | floor | median / floor median | overhead µs | per-round ratio: median "
-        "(min to max) |",
-        "|---|---|---:|---:|---:|",
-    ]
-    for result in results:
+        rows.append([result.variant, len(samples), _us(statistics.median(samples)),
+                     _us(percentile(samples, 0.9)), _us(samples[0]), _us(samples[-1])])
+    latency = markdown_table(
+        ["variant", "calls", "median µs", "p90 µs", "min µs", "max µs"], rows)
+    rows = []
+    for result in results.results:
         if result.floor is None:
             continue
-        floor = by_name[result.floor]
-        median = statistics.median(result.all)
-        floor_median = statistics.median(floor.all)
-        per_round = [statistics.median(mine) / statistics.median(theirs)
-                     for mine, theirs in zip(result.rounds, floor.rounds, strict=True)]
-        lines.append(
-            f"| {result.variant} | {result.floor} | {median / floor_median:.2f} | "
-            f"{_us(median - floor_median)} | "
-            f"{statistics.median(per_round):.2f} ({min(per_round):.2f} to "
-            f"{max(per_round):.2f}) |"
-        )
-    return "\n".join(lines)
+        floor = results.by_name(result.floor)
+        per_round = paired_ratios(result, floor)
+        rows.append([result.variant, result.floor, f"{result.median / floor.median:.2f}",
+                     _us(result.median - floor.median),
+                     f"{statistics.median(per_round):.2f} ({min(per_round):.2f} to "
+                     f"{max(per_round):.2f})"])
+    ratios = markdown_table(
+        ["variant", "floor", "median / floor median", "overhead µs",
+         "per-round ratio: median (min to max)"], rows, "llrrr")
+    return f"{latency}\n\n{ratios}"
 
 
-def etcd_version() -> str:
-    """The first line of ``etcd --version``, e.g. ``etcd Version: 3.5.1``."""
-    try:
-        binary = find_etcd_binary()
-        output = subprocess.run([binary, "--version"], capture_output=True, text=True,
-                                timeout=30, check=False).stdout
-    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
-        return f"unknown ({exc})"
-    first = output.strip().splitlines()[0] if output.strip() else "unknown"
-    return f"{first.replace('etcd Version:', '').strip()} ({binary})"
+def _ratio_cell(mine: Result | None, theirs: Result | None) -> str:
+    if mine is None or theirs is None:
+        return "n/a"
+    per_round = paired_ratios(mine, theirs)
+    return f"{statistics.median(per_round):.2f} ({min(per_round):.2f} to {max(per_round):.2f})"
 
 
-def _package_version(name: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def machine_description() -> list[str]:
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    cpus = f"{os.cpu_count()} CPUs" + (f" ({affinity} usable)" if affinity is not None else "")
-    return [
-        f"- machine: {cpus}, {platform.machine()}, {platform.platform()}",
-        f"- python: {platform.python_implementation()} {platform.python_version()}",
-        f"- etcd: {etcd_version()}, one member on loopback",
-        f"- aetcd {_package_version('aetcd')}, grpcio {_package_version('grpcio')}, "
-        f"torch {_package_version('torch')}",
-    ]
+def comparison_table(results: CallResults) -> str:
+    """One row per call: each family's median µs, then the ratios the targets are about."""
+    rows = []
+    for op in OPS:
+        cells: list[object] = [f"`{op}`"]
+        for family, _heading in FAMILIES:
+            result = results.get(family, op)
+            cells.append(_us(result.median) if result is not None else "n/a")
+        shim = results.get("etcd-v3 shim", op)
+        cells += [_ratio_cell(shim, results.get("raw", op)),
+                  _ratio_cell(results.get(ETCD_V2, op), shim),
+                  _ratio_cell(results.get(C10D, op), shim)]
+        rows.append(cells)
+    return markdown_table(
+        ["call", *(f"{heading} µs" for _, heading in FAMILIES), "shim / floor",
+         "etcd-v2 / shim", "c10d / shim"], rows)
 
 
-def report(results: Sequence[Result], *, command: str, calls: int, rounds: int,
-           warmup: int) -> str:
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+def targets(results: CallResults) -> dict[str, float | None]:
+    """The per-round-median ratios the targets are stated in (None: not measured)."""
+
+    def ratio(a: Result | None, b: Result | None) -> float | None:
+        return None if a is None or b is None else statistics.median(paired_ratios(a, b))
+
+    return {
+        "shim get / raw get": ratio(results.get("etcd-v3 shim", GET), results.get("raw", GET)),
+        "shim set / raw txn": ratio(results.get("etcd-v3 shim", SET), results.get("raw", SET)),
+        "shim stale / raw stale": ratio(results.get("etcd-v3 shim", STALE),
+                                        results.get("raw", STALE)),
+        "v2 stale / shim stale": ratio(results.get(ETCD_V2, STALE),
+                                       results.get("etcd-v3 shim", STALE)),
+    }
+
+
+def settings_line(results: CallResults) -> str:
+    return (f"state: {STATE_SIZE} random bytes ({STATE_SIZE + HEADER_SIZE} stored by etcd-v3, "
+            f"{(STATE_SIZE + 2) // 3 * 4} base64 bytes by etcd-v2 and c10d); "
+            f"{results.calls} sequential calls per variant per round, {results.rounds} rounds, "
+            f"variant order rotated each round; {results.warmup} warm-up calls per variant and "
+            "the setup (lease grant) not measured")
+
+
+NOTES = (
+    "Ratios are taken per round (the medians of one round: the same minutes of machine "
+    "load), then their median, min and max over the rounds are given: the least drift-prone "
+    "figure on a shared machine. Floors are raw aetcd calls from asyncio: `raw get` a "
+    "linearizable get, `raw txn` the CAS Txn that writes (compare mod_revision → put with a "
+    "lease, else range), `raw txn stale` the same Txn with a stale revision (the range "
+    "answers). The sync shim's figures include the hop to the portal's event-loop thread and "
+    "back. etcd-v2 needs two round trips on conflict (a refused write, then a read); etcd-v3 "
+    "and c10d one. c10d's `TCPStore` server runs in the benchmark's process (a C++ thread). "
+    "The backend grants a lease at most once a minute: a run longer than that shows one "
+    "grant in the max of a set_state variant. Compare variants within one run only."
+)
+
+
+def markdown(results: CallResults) -> str:
+    """The section body: settings, the comparison table, the detailed tables, notes."""
+    skipped = [f"- skipped: {kind}: {why}" for kind, why in results.skipped.items()]
+    return "\n".join([
+        f"- {settings_line(results)}",
+        *skipped,
+        "",
+        comparison_table(results),
+        "",
+        format_tables(results),
+        "",
+        NOTES,
+    ])
+
+
+def plot(results: CallResults, directory: Path) -> list[Path]:
+    """A bar per family and call: median µs, whiskers from min to max, log scale."""
+    plt = _plots.pyplot()
+    figure, axes = plt.subplots(figsize=(8.5, 4.2))
+    width = 0.16
+    for index, (family, heading) in enumerate(FAMILIES):
+        xs, medians, lows, highs = [], [], [], []
+        for position, op in enumerate(OPS):
+            result = results.get(family, op)
+            if result is None:
+                continue
+            samples = sorted(result.all)
+            median = statistics.median(samples) / 1000
+            xs.append(position + (index - 2) * width)
+            medians.append(median)
+            lows.append(median - samples[0] / 1000)
+            highs.append(samples[-1] / 1000 - median)
+        if xs:
+            axes.bar(xs, medians, width, label=heading,
+                     color=_plots.COLORS.get(family, "#333333"),
+                     yerr=[lows, highs], capsize=2, error_kw={"elinewidth": 0.8})
+    axes.set_yscale("log")
+    axes.set_xticks(range(len(OPS)), [f"{op}" for op in OPS])
+    axes.set_ylabel("µs per call (median; whiskers: min to max)")
+    axes.set_title(f"Backend call latency ({results.rounds} rounds of {results.calls} calls)")
+    axes.legend(fontsize=8, ncols=3)
+    return [_plots.save(figure, directory / "backend_calls.png")]
+
+
+def report(results: CallResults, *, command: str) -> str:
     return "\n".join([
         "# Backend call latency",
         "",
         f"- command: `{command}`",
-        f"- date: {now}",
+        f"- date: {now_utc()}",
         *machine_description(),
-        f"- state: {STATE_SIZE} random bytes ({STATE_SIZE + HEADER_SIZE} stored); "
-        f"{calls} sequential calls per variant per round, {rounds} rounds, variant order "
-        f"rotated each round; {warmup} warm-up calls per variant and the setup (lease grant) "
-        "not measured",
-        "- floors: `raw txn` is an aetcd Txn (compare mod_revision → put with a lease, else "
-        "get), `raw get` an aetcd linearizable get; both from asyncio",
-        "",
-        format_tables(results),
-        "",
-        "Ratios are the variant's median over its floor's median; a per-round ratio compares "
-        "the medians of one round (paired: the same minutes of machine load), and their "
-        "median is the figure least moved by load that drifts during the run. Overhead is "
-        "the variant's median minus its floor's. `set_state stale` is measured against the "
-        "raw Txn that writes, though it writes nothing. The backend grants a lease at most "
-        "once a minute: a run longer than that shows one grant in the max of a set_state "
-        "variant. Timings on a shared machine are noisy: compare variants within one run only.",
+        markdown(results),
         "",
     ])
 
 
+def collect(*, calls: int, rounds: int, warmup: int) -> CallResults:
+    """Start etcd (v2 API on) and a TCPStore, measure, stop them."""
+    with BenchServers() as servers:
+        return measure(servers, calls=calls, rounds=rounds, warmup=warmup)
+
+
 def run(*, calls: int, rounds: int, warmup: int, output: Path, command: str) -> str:
-    """Start etcd, measure, write the report to ``output`` and return it."""
-    server = EtcdServer()
-    try:
-        server.start()
-        results = measure(server.get_endpoint(), server.get_host(), server.get_port(),
-                          calls=calls, rounds=rounds, warmup=warmup)
-    finally:
-        server.stop()
-    text = report(results, command=command, calls=calls, rounds=rounds, warmup=warmup)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(text, encoding="utf-8")
+    """Measure, write the report to ``output`` and return it."""
+    results = collect(calls=calls, rounds=rounds, warmup=warmup)
+    text = report(results, command=command)
+    write_text(output, text)
     return text
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
-
-
-@contextlib.contextmanager
-def _exit_on_sigterm() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so that ``finally`` stops etcd (it runs in its own session)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def exit_(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, exit_)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def settings(quick: bool, calls: int | None = None, rounds: int | None = None,
+             warmup: int | None = None) -> tuple[int, int, int]:
+    """(calls, rounds, warmup) for full or quick mode, with overrides."""
+    default_calls, default_rounds, default_warmup = QUICK if quick else FULL
+    calls = calls if calls is not None else default_calls
+    rounds = rounds if rounds is not None else default_rounds
+    warmup = warmup if warmup is not None else min(default_warmup, calls)
+    return calls, rounds, warmup
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.backend_calls",
-        description="Per-call latency of the etcd rendezvous backend against raw aetcd calls.",
+        description="Per-call latency of the rendezvous backends against raw aetcd calls.",
     )
     parser.add_argument("--quick", action="store_true",
                         help=f"fewer calls: {QUICK[0]} per variant per round, {QUICK[1]} rounds")
-    parser.add_argument("--calls", type=_positive, default=None,
+    parser.add_argument("--calls", type=positive, default=None,
                         help=f"calls per variant per round (default {FULL[0]})")
-    parser.add_argument("--rounds", type=_positive, default=None,
+    parser.add_argument("--rounds", type=positive, default=None,
                         help=f"rounds (default {FULL[1]})")
-    parser.add_argument("--warmup", type=_non_negative, default=None,
+    parser.add_argument("--warmup", type=non_negative, default=None,
                         help=f"unmeasured calls per variant first (default {FULL[2]})")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
                         help="the Markdown report (default: benchmarks/results/backend_calls.md)")
     args = parser.parse_args(args_list)
-    calls, rounds, warmup = QUICK if args.quick else FULL
-    calls = args.calls if args.calls is not None else calls
-    rounds = args.rounds if args.rounds is not None else rounds
-    warmup = args.warmup if args.warmup is not None else min(warmup, calls)
+    calls, rounds, warmup = settings(args.quick, args.calls, args.rounds, args.warmup)
     command = shlex.join([sys.executable, "-m", "benchmarks.backend_calls", *args_list])
-    with _exit_on_sigterm():
+    with exit_on_sigterm():
         text = run(calls=calls, rounds=rounds, warmup=warmup, output=args.output,
                    command=command)
     print(text)

@@ -1,32 +1,41 @@
-"""The benchmark runs end to end (a few calls, one round), so that it cannot rot.
+"""Every benchmark runs end to end on its smallest case, so that none can rot.
 
-Nothing about timings is checked: only that every variant ran and was reported.
+Nothing about timings is checked: only that every variant ran and was reported, and that
+no server or process was left behind. The etcd-v2 variants need python-etcd (the ``bench``
+extra); without it they must be reported as skipped.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from benchmarks import backend_calls
+from benchmarks import _backends, _pool, backend_calls
 from etcd_rdzv.testing import EtcdServer
 
-VARIANTS = [
+HAVE_V2 = _backends.v2_unavailable() is None
+
+ETCD_V3_VARIANTS = [
     "raw txn",
+    "raw txn stale",
     "raw get",
     "async get_state",
     "async set_state",
     "async set_state stale",
     "shim get_state",
     "shim set_state",
+    "shim set_state stale",
 ]
+TORCH_VARIANTS = [f"{kind} {op}" for kind in ("etcd-v2", "c10d")
+                  for op in ("get_state", "set_state", "set_state stale")]
 
 
-def test_quick_benchmark_reports_every_variant(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+@pytest.fixture
+def recorded_servers(monkeypatch: pytest.MonkeyPatch) -> list[EtcdServer]:
+    """Every etcd the benchmarks start, to check that each was stopped."""
     servers: list[EtcdServer] = []
 
     class RecordedServer(EtcdServer):
@@ -34,24 +43,125 @@ def test_quick_benchmark_reports_every_variant(
             super().__init__(*args, **kwargs)
             servers.append(self)
 
-    monkeypatch.setattr(backend_calls, "EtcdServer", RecordedServer)
+    monkeypatch.setattr(_backends, "EtcdServer", RecordedServer)
+    return servers
+
+
+@pytest.fixture
+def recorded_workers(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The pids of every worker process the benchmarks start."""
+    pids: list[int] = []
+    original = _pool.WorkerPool.start
+
+    def start(self: _pool.WorkerPool, timeout: float = 600.0) -> None:
+        try:
+            original(self, timeout)
+        finally:
+            pids.extend(self.pids)
+
+    monkeypatch.setattr(_pool.WorkerPool, "start", start)
+    return pids
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _all_stopped(servers: list[EtcdServer], workers: list[int]) -> None:
+    assert servers, "no etcd was started"
+    assert not any(server.member.running for server in servers), "an etcd was left running"
+    assert all(_gone(pid) for pid in workers), "a worker process was left behind"
+
+
+def test_backend_calls_reports_every_variant(
+    tmp_path: Path, recorded_servers: list[EtcdServer], capsys: pytest.CaptureFixture[str]
+) -> None:
     output = tmp_path / "results" / "backend_calls.md"
 
     assert backend_calls.main(
         ["--quick", "--calls", "2", "--rounds", "1", "--warmup", "1", "--output", str(output)]
     ) == 0
 
-    assert output.is_file()
     text = output.read_text(encoding="utf-8")
-    for name in VARIANTS:
+    ran = ETCD_V3_VARIANTS + [v for v in TORCH_VARIANTS if HAVE_V2 or "etcd-v2" not in v]
+    for name in ran:
         assert f"\n| {name} | 2 |" in text, f"no latency row for {name!r}:\n{text}"
-    for name in VARIANTS[2:]:
+    for name in ETCD_V3_VARIANTS[3:]:
         assert text.count(f"\n| {name} |") == 2, f"no ratio row for {name!r}:\n{text}"
+    for call in ("get_state", "set_state", "set_state stale"):
+        assert f"\n| `{call}` |" in text, f"no comparison row for {call}:\n{text}"
+    if not HAVE_V2:
+        assert "skipped: etcd-v2: python-etcd is not installed" in text
     assert "--calls 2 --rounds 1" in text
     assert "etcd:" in text
     assert "| variant |" in capsys.readouterr().out
-    assert len(servers) == 1
-    assert not servers[0].member.running, "the benchmark left its etcd running"
+    assert len(recorded_servers) == 1
+    _all_stopped(recorded_servers, [])
+
+
+@pytest.mark.slow
+def test_rendezvous_benchmark_runs(
+    tmp_path: Path, recorded_servers: list[EtcdServer], recorded_workers: list[int]
+) -> None:
+    from benchmarks import rendezvous
+
+    output = tmp_path / "rendezvous.md"
+    assert rendezvous.main(["--sizes", "2", "--lever-sizes", "2", "--backoffs", "0.05",
+                            "--trials", "1", "--output", str(output)]) == 0
+
+    text = output.read_text()
+    labels = ["etcd-v3 poll", "c10d", "etcd-v3 poll, backoff 0.05"]
+    labels += ["etcd-v2"] if HAVE_V2 else []
+    if rendezvous.watch_unavailable() is None:
+        labels += ["etcd-v3 watch", "etcd-v3 watch, backoff 0.05"]
+    for label in labels:
+        assert f"\n| {label} | 2 |" in text, f"no row for {label!r}:\n{text}"
+    assert "\n| 2 |" in text  # the time table's row
+    _all_stopped(recorded_servers, recorded_workers)
+    assert len(recorded_workers) == 2
+
+
+def test_contention_benchmark_runs(
+    tmp_path: Path, recorded_servers: list[EtcdServer], recorded_workers: list[int]
+) -> None:
+    from benchmarks import contention
+
+    output = tmp_path / "contention.md"
+    assert contention.main(["--tasks", "2", "--processes", "2", "--backoffs", "0", "0.02",
+                            "--seconds", "0.2", "--rounds", "1", "--output", str(output)]) == 0
+
+    text = output.read_text()
+    for row in ("| etcd-v3 | 2 |", "| etcd-v3, backoff 0.02 | 2 |", "| etcd-v3 shim | 2 |",
+                "| etcd-v3 shim, backoff 0.02 | 2 |", "| c10d | 2 |"):
+        assert row in text, f"no row {row!r}:\n{text}"
+    assert ("| etcd-v2 | 2 |" in text) == HAVE_V2
+    _all_stopped(recorded_servers, recorded_workers)
+
+
+def test_state_scale_benchmark_runs(
+    tmp_path: Path, recorded_servers: list[EtcdServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import state_scale
+
+    # Small limits, so that the capacity searches build small states.
+    monkeypatch.setattr(state_scale, "GO_FORM_LIMIT", 256 * 1024)
+    monkeypatch.setattr(state_scale, "TCPSTORE_PAYLOAD_LIMIT", 128 * 1024)
+    output = tmp_path / "scale.md"
+    assert state_scale.main(["--sizes", "100", "--repeats", "1", "--tolerance", "200",
+                             "--max-request-bytes", str(64 * 1024), "--output",
+                             str(output)]) == 0
+
+    text = output.read_text()
+    assert "| etcd-v3 (stored form: header + zlib) |" in text
+    assert "| etcd-v2 (base64) |" in text
+    assert "| 100 |" in text
+    assert "| c10d (base64) |" in text
+    assert text.count("written and read back") == (4 if HAVE_V2 else 2), text
+    _all_stopped(recorded_servers, [])
 
 
 def test_history_growth_benchmark_runs(tmp_path: Path) -> None:
@@ -63,14 +173,48 @@ def test_history_growth_benchmark_runs(tmp_path: Path) -> None:
     assert len(rows) == 2  # compaction off and on
 
 
-def test_store_wakeup_benchmark_runs(tmp_path: Path) -> None:
+def test_store_benchmark_runs(
+    tmp_path: Path, recorded_servers: list[EtcdServer], recorded_workers: list[int]
+) -> None:
     from benchmarks import store_wakeup
 
     output = tmp_path / "wakeup.md"
-    assert store_wakeup.main(["--rounds", "2", "--batches", "1", "--output", str(output)]) == 0
+    assert store_wakeup.main(["--rounds", "2", "--batches", "1", "--adders", "2", "--adds", "2",
+                              "--output", str(output)]) == 0
     text = output.read_text()
     assert "| TCPStore | 2 |" in text
     assert "| EtcdStore | 2 |" in text
+    assert ("| etcd-v2 EtcdStore | 2 |" in text) == HAVE_V2
+    assert "| EtcdStore | 2 x 2 x 1 |" in text
+    _all_stopped(recorded_servers, recorded_workers)
+
+
+def test_runner_writes_the_document(
+    tmp_path: Path, recorded_servers: list[EtcdServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks import _plots, run_all
+
+    output, images, raw = tmp_path / "benchmarks.md", tmp_path / "img", tmp_path / "raw.pickle"
+    args = ["--quick", "--only", "calls", "--output", str(output), "--images", str(images),
+            "--raw", str(raw)]
+    assert run_all.main(args) == 0
+
+    text = output.read_text()
+    assert "## Targets" in text
+    assert "sync shim within 1.2x of the raw aetcd floor per call" in text
+    assert "## 1. Backend calls" in text
+    assert "## Machine" in text
+    if _plots.unavailable() is None:
+        assert (images / "backend_calls.png").is_file()
+        assert "](img/backend_calls.png)" in text
+    else:
+        assert "No plot: matplotlib is not installed" in text
+    output.unlink()
+    assert run_all.main([*args, "--render-only"]) == 0  # from the raw results alone
+    assert "## 1. Backend calls" in output.read_text()
+    assert len(recorded_servers) == 1
+    _all_stopped(recorded_servers, [])
+    capsys.readouterr()
 
 
 @pytest.mark.slow

@@ -1,0 +1,729 @@
+"""Time to rendezvous through torch's ``DynamicRendezvousHandler``, N agents, per backend.
+
+    python -m benchmarks.rendezvous [--quick] [--sizes 2 8 32 64] [--lever-sizes 8 32 64]
+                                    [--backoffs 0.02 0.05] [--trials 3] [--output PATH]
+
+N agent processes (``min_nodes = max_nodes = N``) meet through torch's own handler over:
+etcd-v3 (this project; ``wait=poll``, torch's stock handler, and ``wait=watch``, the fast
+handler, when it is available), torch's etcd-v2 (python-etcd, against the same etcd 3.5 with
+``--enable-v2=true``) and torch's c10d (a ``TCPStore`` served by this process). With the
+collision lever, etcd-v3 runs again with ``conflict_backoff`` at each ``--backoffs`` value.
+
+The agents are a pool of processes started once (64 processes importing torch on 2 cores take
+about a minute): each trial builds a fresh handler in every agent (new run id, so round 0),
+then all agents start ``next_rendezvous()`` at one instant of the shared monotonic clock
+after their imports and connections are done. A trial's time is from that instant until the
+last agent returns from ``next_rendezvous()`` (which includes reading MASTER_ADDR from the
+rendezvous store). Variants are interleaved, their order rotated from trial to trial.
+
+Each agent's backend is wrapped in a counting proxy (a subclass of torch's
+``RendezvousBackend`` that delegates): it counts ``get_state``/``set_state`` calls and the
+conflicted ``set_state`` calls (``has_set=False``) and times them. Each agent also times the
+sleeps of torch's handler (its ``_delay``: the 0 to 0.3 s round-0 jitter and the 1 s poll) by
+wrapping that function in the agent process only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import gc
+import shlex
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import _backends, _plots
+from ._backends import C10D, ETCD_V2, ETCD_V3, BenchServers, CallCounts
+from ._common import (
+    RESULTS_DIR,
+    Spread,
+    exit_on_sigterm,
+    machine_description,
+    markdown_table,
+    now_utc,
+    positive,
+    positive_float,
+    write_text,
+)
+from ._pool import WorkerPool
+
+if TYPE_CHECKING:
+    pass
+
+__all__ = ["DEFAULT_OUTPUT", "RendezvousResults", "Variant", "collect", "main", "markdown"]
+
+DEFAULT_OUTPUT = RESULTS_DIR / "rendezvous.md"
+#: (sizes, lever sizes, trials)
+FULL = ((2, 8, 32, 64), (8, 32, 64), 5)
+QUICK = ((2, 8, 16), (8, 16), 1)
+BACKOFFS = (0.02, 0.05, 0.1)
+#: Bounds on one trial; a rendezvous that takes this long has failed.
+JOIN_TIMEOUT = 120
+#: How long the pool may take to start (imports of torch on a busy 2-core machine).
+POOL_START_TIMEOUT = 600.0
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the rendezvous: a backend kind and its options."""
+
+    label: str
+    kind: str
+    watch: bool = False
+    backoff: float = 0.0
+
+    @property
+    def family(self) -> str:
+        """The variant without the lever: ``etcd-v3 poll``, ``etcd-v3 watch``, ``c10d``..."""
+        if self.kind != ETCD_V3:
+            return self.kind
+        return "etcd-v3 watch" if self.watch else "etcd-v3 poll"
+
+    def config(self, timeout: int) -> dict[str, object]:
+        options: dict[str, object] = {"join_timeout": timeout, "close_timeout": timeout}
+        if self.kind == ETCD_V3:
+            options["wait"] = "watch" if self.watch else "poll"
+            if self.backoff:
+                options["conflict_backoff"] = self.backoff
+        return options
+
+
+def main_variants(watch: bool, v2: bool) -> list[Variant]:
+    variants = [Variant("etcd-v3 poll", ETCD_V3)]
+    if watch:
+        variants.append(Variant("etcd-v3 watch", ETCD_V3, watch=True))
+    if v2:
+        variants.append(Variant("etcd-v2", ETCD_V2))
+    variants.append(Variant("c10d", C10D))
+    return variants
+
+
+def lever_variants(watch: bool, backoffs: Sequence[float]) -> list[Variant]:
+    variants = []
+    for wait_watch in (False, True) if watch else (False,):
+        for backoff in backoffs:
+            mode = "watch" if wait_watch else "poll"
+            variants.append(Variant(f"etcd-v3 {mode}, backoff {backoff:g}", ETCD_V3,
+                                    watch=wait_watch, backoff=backoff))
+    return variants
+
+
+def watch_unavailable() -> str | None:
+    """Why ``wait=watch`` cannot be measured here, or None."""
+    try:
+        from etcd_rdzv.elastic import fast_handler
+    except Exception as exc:
+        return f"etcd_rdzv.elastic.fast_handler does not import: {exc!r}"
+    return fast_handler.why_unavailable()
+
+
+# --- the agent process ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """What one agent builds for a trial."""
+
+    variant: Variant
+    endpoint: str
+    run_id: str
+    n: int
+    timeout: int
+    """torch's ``join_timeout`` and ``close_timeout``, seconds."""
+
+
+@dataclass(frozen=True)
+class AgentReport:
+    """What one agent saw of one rendezvous."""
+
+    index: int
+    rank: int
+    world_size: int
+    round: int
+    seconds: float
+    """From the common start instant to the return of ``next_rendezvous()``."""
+    counts: CallCounts
+    jitter: float
+    """Seconds slept in torch's round-0 jitter (``_delay((0, 0.3))``)."""
+    poll_sleep: float
+    """Seconds slept in torch's 1 s polls (``_delay(1)``)."""
+    polls: int
+    store: float
+    """Seconds in torch's ``RendezvousStoreInfo.build``: rank 0 sets MASTER_ADDR and
+    MASTER_PORT in the rendezvous store, the others wait for them there."""
+
+    @property
+    def other(self) -> float:
+        """What is left: CPU (pickling, the handler, scheduling among N processes), store."""
+        return self.seconds - self.jitter - self.poll_sleep - self.counts.call_seconds \
+            - self.counts.wait_seconds - self.store
+
+
+@dataclass
+class _Sleeps:
+    jitter: float = 0.0
+    poll_sleep: float = 0.0
+    polls: int = 0
+    store: float = 0.0
+
+
+class _Agent:
+    """The state of one agent process between commands."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.sleeps = _Sleeps()
+        self.handler: Any = None
+        self.proxy: _backends.CountingBackend | None = None
+
+    def setup(self, spec: AgentSpec) -> None:
+        from torch.distributed.elastic.rendezvous import dynamic_rendezvous
+
+        variant = spec.variant
+        params = _backends.parameters(variant.kind, spec.endpoint, spec.run_id,
+                                      min_nodes=spec.n, max_nodes=spec.n,
+                                      config=variant.config(spec.timeout))
+        backend, store = _backends.create_backend(variant.kind, params)
+        self.proxy = _backends.CountingBackend(backend)
+        if variant.watch:
+            from etcd_rdzv.elastic import fast_handler
+
+            self.handler = fast_handler.create_fast_handler(store, self.proxy, params)  # type: ignore[arg-type]
+            if not fast_handler.is_fast_handler(self.handler):
+                raise RuntimeError("wait=watch fell back to torch's stock handler: "
+                                   f"{fast_handler.why_unavailable(self.handler)}")
+        else:
+            self.handler = dynamic_rendezvous.create_handler(store, self.proxy, params)
+
+    def join(self, start_at: float, dump_after: float) -> AgentReport:
+        assert self.handler is not None and self.proxy is not None
+        delay = start_at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        self.sleeps = _SLEEPS[0] = _Sleeps()
+        self.proxy.reset()
+        # An agent stuck past the trial's bounds says where, on stderr.
+        faulthandler.dump_traceback_later(dump_after)
+        try:
+            info = self.handler.next_rendezvous()
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+        seconds = time.monotonic() - start_at
+        counts = self.proxy.snapshot()
+        return AgentReport(
+            index=self.index, rank=info.rank, world_size=info.world_size,
+            round=self.handler._state_holder.state.round, seconds=seconds, counts=counts,
+            jitter=self.sleeps.jitter, poll_sleep=self.sleeps.poll_sleep,
+            polls=self.sleeps.polls, store=self.sleeps.store,
+        )
+
+    def teardown(self) -> None:
+        handler, proxy, self.handler, self.proxy = self.handler, self.proxy, None, None
+        try:
+            if handler is not None:
+                handler.shutdown()
+        finally:
+            if proxy is not None:
+                _backends.close_backend(proxy)
+            del handler, proxy
+            gc.collect()  # rank 0's bootstrap TCPStore server goes with its handler
+
+
+#: torch's handler sleeps through this module global of ``dynamic_rendezvous``.
+_DELAY = "_delay"
+#: ... and builds the MASTER_ADDR/MASTER_PORT exchange through this static method.
+_BUILD = "build"
+#: The sleeps the instrumented ``_delay`` adds to: the current trial's (one per process).
+_SLEEPS: list[_Sleeps] = [_Sleeps()]
+
+
+def _instrument_torch() -> None:
+    """Time torch's ``_delay`` and ``RendezvousStoreInfo.build`` into :data:`_SLEEPS`.
+
+    In the agent process only; both still do what they did.
+    """
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous
+    from torch.distributed.elastic.rendezvous.api import RendezvousStoreInfo
+
+    delay: Callable[[float | tuple[float, float]], None] = getattr(dynamic_rendezvous, _DELAY)
+    build: Callable[..., RendezvousStoreInfo] = RendezvousStoreInfo.build
+
+    def timed_delay(seconds: float | tuple[float, float]) -> None:
+        started = time.perf_counter()
+        try:
+            delay(seconds)
+        finally:
+            elapsed = time.perf_counter() - started
+            sleeps = _SLEEPS[0]
+            if isinstance(seconds, tuple):
+                sleeps.jitter += elapsed
+            else:
+                sleeps.poll_sleep += elapsed
+                sleeps.polls += 1
+
+    def timed_build(*args: Any, **kwargs: Any) -> RendezvousStoreInfo:
+        started = time.perf_counter()
+        try:
+            return build(*args, **kwargs)
+        finally:
+            _SLEEPS[0].store += time.perf_counter() - started
+
+    setattr(dynamic_rendezvous, _DELAY, timed_delay)
+    setattr(RendezvousStoreInfo, _BUILD, staticmethod(timed_build))
+
+
+# --- commands the pool runs in the agents -------------------------------------------------
+
+_AGENT: list[_Agent] = []
+
+
+def agent_setup(index: int, spec: AgentSpec) -> None:
+    """Build this agent's handler for a trial (instrumenting torch on first use)."""
+    if not _AGENT:
+        _instrument_torch()
+        _AGENT.append(_Agent(index))
+        gc.freeze()  # the imports' objects: each teardown's collection skips them
+    _AGENT[0].setup(spec)
+
+
+def agent_join(start_at: float, dump_after: float) -> AgentReport:
+    return _AGENT[0].join(start_at, dump_after)
+
+
+def agent_teardown() -> None:
+    _AGENT[0].teardown()
+
+
+#: What the fork server imports once, so that each agent starts with torch imported.
+PRELOAD = (
+    "torch.distributed.elastic.rendezvous.dynamic_rendezvous",
+    "torch.distributed.elastic.rendezvous.c10d_rendezvous_backend",
+    "torch.distributed.elastic.rendezvous.etcd_rendezvous_backend",
+    "etcd_rdzv.elastic.backend",
+    "etcd_rdzv.elastic.store",
+    "etcd_rdzv.elastic.fast_handler",
+    "benchmarks._backends",
+)
+
+
+def run_trial(pool: WorkerPool, variant: Variant, n: int, endpoint: str,
+              timeout: int = JOIN_TIMEOUT) -> list[AgentReport]:
+    """One rendezvous of the pool's first ``n`` workers; their reports by worker index.
+
+    An agent still in ``next_rendezvous()`` 10 s past ``timeout`` dumps its threads' stacks
+    to stderr; 20 s past it, the trial fails (and the pool is stopped).
+    """
+    run_id = f"bench-{uuid.uuid4().hex[:12]}"
+    spec = AgentSpec(variant, endpoint, run_id, n, timeout)
+    pool.call(n, agent_setup, [(index, spec) for index in range(n)], 120.0)
+    # Everyone is connected and waiting; all start at one instant of the shared clock.
+    start_at = time.monotonic() + 0.1 + 0.002 * n
+    reports: list[AgentReport] = pool.call(n, agent_join, [(start_at, timeout + 10.0)] * n,
+                                           timeout + 20.0)
+    pool.call(n, agent_teardown, [()] * n, 120.0)
+    return reports
+
+
+# --- results ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Trial:
+    variant: Variant
+    n: int
+    index: int
+    agents: list[AgentReport]
+
+    @property
+    def seconds(self) -> float:
+        """Until the last agent returned."""
+        return max(agent.seconds for agent in self.agents)
+
+    @property
+    def slowest(self) -> AgentReport:
+        return max(self.agents, key=lambda agent: agent.seconds)
+
+    def total(self, name: str) -> float:
+        return float(sum(getattr(agent.counts, name) for agent in self.agents))
+
+
+@dataclass
+class RendezvousResults:
+    trials: list[Trial] = field(default_factory=list)
+    sizes: tuple[int, ...] = ()
+    lever_sizes: tuple[int, ...] = ()
+    backoffs: tuple[float, ...] = ()
+    trial_count: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)
+    pool_start_seconds: float = 0.0
+    elapsed_seconds: float = 0.0
+
+    def of(self, label: str, n: int) -> list[Trial]:
+        return sorted((t for t in self.trials if t.variant.label == label and t.n == n),
+                      key=lambda t: t.index)
+
+    def labels(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for trial in self.trials:
+            seen.setdefault(trial.variant.label, None)
+        return list(seen)
+
+    def variant(self, label: str) -> Variant | None:
+        return next((t.variant for t in self.trials if t.variant.label == label), None)
+
+    def seconds(self, label: str, n: int) -> Spread | None:
+        trials = self.of(label, n)
+        return Spread.of(t.seconds for t in trials) if trials else None
+
+    def paired(self, label: str, other: str, n: int) -> Spread | None:
+        """Per trial index, this variant's time over the other's: median, min, max."""
+        mine = {t.index: t.seconds for t in self.of(label, n)}
+        theirs = {t.index: t.seconds for t in self.of(other, n)}
+        ratios = [mine[i] / theirs[i] for i in mine if i in theirs]
+        return Spread.of(ratios) if ratios else None
+
+
+class RendezvousError(RuntimeError):
+    """The agents of a trial did not end in one rendezvous."""
+
+
+def _check(trial: Trial) -> None:
+    ranks = sorted(agent.rank for agent in trial.agents)
+    sizes = {agent.world_size for agent in trial.agents}
+    rounds = {agent.round for agent in trial.agents}
+    if ranks != list(range(trial.n)) or sizes != {trial.n} or len(rounds) != 1:
+        raise RendezvousError(f"{trial.variant.label}, N={trial.n}: ranks {ranks}, world "
+                              f"sizes {sorted(sizes)}, rounds {sorted(rounds)}: not one rendezvous")
+
+
+def collect(*, sizes: Sequence[int], lever_sizes: Sequence[int], backoffs: Sequence[float],
+            trials: int, progress: Callable[[str], None] | None = None) -> RendezvousResults:
+    """Start etcd, a TCPStore and the agent pool; run every trial; stop them all."""
+    say = progress or (lambda line: None)
+    started = time.monotonic()
+    skipped: dict[str, str] = {}
+    watch_reason = watch_unavailable()
+    if watch_reason is not None:
+        skipped["etcd-v3 watch"] = watch_reason
+    v2_reason = _backends.v2_unavailable()
+    if v2_reason is not None:
+        skipped[ETCD_V2] = v2_reason
+    plain = main_variants(watch_reason is None, v2_reason is None)
+    lever = lever_variants(watch_reason is None, backoffs)
+    results = RendezvousResults(sizes=tuple(sizes), lever_sizes=tuple(lever_sizes),
+                                backoffs=tuple(backoffs), trial_count=trials, skipped=skipped)
+    with BenchServers() as servers, WorkerPool(max([*sizes, *lever_sizes]), PRELOAD) as pool:
+        results.pool_start_seconds = pool.start_seconds
+        say(f"rendezvous: {pool.size} agent processes ready in "
+            f"{results.pool_start_seconds:.1f} s")
+        for n in sorted({*sizes, *lever_sizes}):
+            variants = (plain if n in sizes else [v for v in plain if v.kind == ETCD_V3]) \
+                    + (lever if n in lever_sizes else [])
+            for index in range(trials):
+                shift = index % len(variants)
+                for variant in variants[shift:] + variants[:shift]:
+                    reports = run_trial(pool, variant, n, servers.endpoint(variant.kind))
+                    trial = Trial(variant, n, index, reports)
+                    _check(trial)
+                    results.trials.append(trial)
+                    say(f"rendezvous: N={n:<3} {variant.label:<28} trial {index + 1}: "
+                        f"{trial.seconds:6.2f} s, {trial.total('calls'):4.0f} calls, "
+                        f"{trial.total('conflicts'):4.0f} conflicts")
+    results.elapsed_seconds = time.monotonic() - started
+    return results
+
+
+# --- report -------------------------------------------------------------------------------
+
+
+def _cell(spread: Spread | None, digits: int = 2, suffix: str = "") -> str:
+    return "n/a" if spread is None else spread.format(digits=digits) + suffix
+
+
+def _totals(trials: Sequence[Trial], name: str) -> Spread | None:
+    return Spread.of(t.total(name) for t in trials) if trials else None
+
+
+def _plain_labels(results: RendezvousResults) -> list[str]:
+    return [label for label in results.labels()
+            if (v := results.variant(label)) is not None and not v.backoff]
+
+
+def time_table(results: RendezvousResults) -> str:
+    labels = _plain_labels(results)
+    others = [label for label in labels if label != C10D]
+    header = ["N", *(f"{label} s" for label in labels),
+              *(f"{label} / c10d" for label in others)]
+    rows = []
+    for n in results.sizes:
+        rows.append([n, *(_cell(results.seconds(label, n)) for label in labels),
+                     *(_cell(results.paired(label, C10D, n)) for label in others)])
+    return markdown_table(header, rows)
+
+
+def calls_table(results: RendezvousResults) -> str:
+    rows = []
+    for label in results.labels():
+        for n in sorted({*results.sizes, *results.lever_sizes}):
+            trials = results.of(label, n)
+            if not trials:
+                continue
+            rows.append([label, n, _cell(_totals(trials, "calls"), 0),
+                         _cell(_totals(trials, "gets"), 0), _cell(_totals(trials, "sets"), 0),
+                         _cell(_totals(trials, "conflicts"), 0),
+                         _cell(_totals(trials, "waits"), 0),
+                         f"{statistics.median(t.total('calls') for t in trials) / n:.1f}"])
+    return markdown_table(["variant", "N", "backend calls", "get_state", "set_state",
+                           "conflicts", "watch waits", "calls per agent"], rows, "lrrrrrrr")
+
+
+def breakdown_table(results: RendezvousResults) -> str:
+    """Where the slowest agent's time went, medians over the trials."""
+    rows = []
+    for label in results.labels():
+        for n in sorted({*results.sizes, *results.lever_sizes}):
+            trials = results.of(label, n)
+            if not trials:
+                continue
+            slowest = [t.slowest for t in trials]
+
+            def median(values: Iterator[float]) -> str:
+                return f"{statistics.median(values):.2f}"
+
+            rows.append([
+                label, n, median(a.seconds for a in slowest),
+                median(a.jitter for a in slowest),
+                f"{median(a.poll_sleep for a in slowest)} "
+                f"({statistics.median(a.polls for a in slowest):.0f})",
+                median(a.counts.wait_seconds for a in slowest),
+                median(a.counts.call_seconds for a in slowest),
+                f"{statistics.median(a.counts.calls for a in slowest):.0f}",
+                median(a.store for a in slowest),
+                median(a.other for a in slowest),
+            ])
+    return markdown_table(["variant", "N", "slowest agent s", "round-0 jitter s",
+                           "1 s polls s (count)", "watch waits s", "backend calls s",
+                           "its calls", "store s", "other s"], rows, "lrrrrrrrrr")
+
+
+def lever_table(results: RendezvousResults) -> str:
+    rows = []
+    for family in ("etcd-v3 poll", "etcd-v3 watch"):
+        if results.variant(family) is None:
+            continue
+        for n in results.lever_sizes:
+            off = results.of(family, n)
+            if not off:
+                continue
+            cells: list[object] = [family, n, _cell(results.seconds(family, n)),
+                                   _cell(_totals(off, "conflicts"), 0)]
+            for backoff in results.backoffs:
+                label = f"{family}, backoff {backoff:g}"
+                cells += [_cell(results.seconds(label, n)),
+                          _cell(_totals(results.of(label, n), "conflicts"), 0),
+                          _cell(results.paired(label, family, n))]
+            rows.append(cells)
+    header = ["wait", "N", "off: s", "off: conflicts"]
+    for backoff in results.backoffs:
+        header += [f"{backoff:g}: s", f"{backoff:g}: conflicts", f"{backoff:g}: time / off"]
+    return markdown_table(header, rows, "lr" + "r" * (len(header) - 2))
+
+
+def lever_verdicts(results: RendezvousResults) -> list[str]:
+    """Per wait mode and backoff: does it cut the median time at every lever size?"""
+    lines = []
+    for family in ("etcd-v3 poll", "etcd-v3 watch"):
+        for backoff in results.backoffs:
+            label = f"{family}, backoff {backoff:g}"
+            ratios = [(n, results.paired(label, family, n)) for n in results.lever_sizes]
+            known = [(n, r) for n, r in ratios if r is not None]
+            if not known:
+                continue
+            wins = all(r.median < 1.0 for _, r in known)
+            detail = ", ".join(f"N={n}: {r.median:.2f}" for n, r in known)
+            lines.append(f"- {label}: time / off {detail} → "
+                         f"{'wins at every N' if wins else 'does not win at every N'}")
+    return lines
+
+
+def settings_lines(results: RendezvousResults) -> list[str]:
+    return [
+        f"- sizes: N = {', '.join(map(str, results.sizes))} (min_nodes = max_nodes = N); "
+        f"the collision lever at N = {', '.join(map(str, results.lever_sizes))} with "
+        f"conflict_backoff = {', '.join(f'{b:g}' for b in results.backoffs)} s; "
+        f"{results.trial_count} trial(s) per variant and N, variants interleaved",
+        f"- agent pool: {max([*results.sizes, *results.lever_sizes])} processes, ready in "
+        f"{results.pool_start_seconds:.0f} s; the whole benchmark took "
+        f"{results.elapsed_seconds:.0f} s",
+        *(f"- skipped: {label}: {why}" for label, why in results.skipped.items()),
+    ]
+
+
+NOTES = (
+    "Times are from the common start instant to the last agent's return from "
+    "`next_rendezvous()`: median (min to max) over the trials. Ratios to c10d and to the "
+    "lever off are per trial (the variants of one trial index ran back to back), then their "
+    "median (min to max). Calls are all agents' `get_state` + `set_state` calls in one "
+    "rendezvous; conflicts are `set_state` calls that returned `has_set=False` (torch's "
+    "handler then retries at once with the state it got back). Watch waits are the "
+    "`wait=watch` handler's `wait_for_change` calls. In the breakdown (the slowest agent of "
+    "each trial, medians), backend call time includes the conflict backoff's pause; store is "
+    "torch's MASTER_ADDR/MASTER_PORT exchange through the rendezvous store after the join "
+    "(rank 0 writes, the others wait for it: so it holds the wait for a slower rank 0); "
+    "\"other\" is the rest: the handler's own CPU work (pickling the state), rank 0's "
+    "TCPStore server start, and waiting for a CPU among N processes on this machine's cores."
+)
+
+
+def markdown(results: RendezvousResults) -> str:
+    return "\n".join([
+        *settings_lines(results),
+        "",
+        "Time to rendezvous, seconds:",
+        "",
+        time_table(results),
+        "",
+        "Backend calls and conflicts per rendezvous (all agents):",
+        "",
+        calls_table(results),
+        "",
+        "Where the time goes (the slowest agent):",
+        "",
+        breakdown_table(results),
+        "",
+        "The collision lever (`conflict_backoff`), etcd-v3:",
+        "",
+        lever_table(results),
+        "",
+        *lever_verdicts(results),
+        "",
+        NOTES,
+    ])
+
+
+def _errorbars(results: RendezvousResults, label: str, ns: Sequence[int],
+               value: Callable[[Trial], float]) -> tuple[list[int], list[float], list[list[float]]]:
+    xs: list[int] = []
+    medians: list[float] = []
+    lows: list[float] = []
+    highs: list[float] = []
+    for n in ns:
+        trials = results.of(label, n)
+        if not trials:
+            continue
+        spread = Spread.of(value(t) for t in trials)
+        xs.append(n)
+        medians.append(spread.median)
+        lows.append(spread.median - spread.low)
+        highs.append(spread.high - spread.median)
+    return xs, medians, [lows, highs]
+
+
+def plot(results: RendezvousResults, directory: Path) -> list[Path]:
+    plt = _plots.pyplot()
+    paths = []
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for label in _plain_labels(results):
+        color = _plots.COLORS.get(label.replace(" poll", ""), "#333333")
+        xs, ys, err = _errorbars(results, label, results.sizes, lambda t: t.seconds)
+        left.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label, color=color)
+        xs, ys, err = _errorbars(results, label, results.sizes, lambda t: t.total("calls"))
+        right.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label, color=color)
+    for axes in (left, right):
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(list(results.sizes), [str(n) for n in results.sizes])
+        axes.set_xlabel("agents N (min = max = N)")
+        axes.grid(alpha=0.3)
+    left.set_ylabel("seconds to rendezvous (median, min to max)")
+    left.set_ylim(bottom=0)
+    right.set_ylabel("backend calls per rendezvous")
+    right.set_yscale("log")
+    left.legend(fontsize=8)
+    figure.suptitle("Time to rendezvous through torch's DynamicRendezvousHandler")
+    paths.append(_plots.save(figure, directory / "rendezvous_time.png"))
+
+    if results.lever_sizes and results.backoffs:
+        figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        styles = {0.0: "-", **{b: ls for b, ls in zip(results.backoffs, ("--", ":", "-."),
+                                                      strict=False)}}
+        for family in ("etcd-v3 poll", "etcd-v3 watch"):
+            if results.variant(family) is None:
+                continue
+            color = _plots.COLORS.get(family.replace(" poll", ""), "#333333")
+            for backoff in (0.0, *results.backoffs):
+                label = family if not backoff else f"{family}, backoff {backoff:g}"
+                for axes, value in ((left, lambda t: t.seconds),
+                                    (right, lambda t: t.total("conflicts"))):
+                    xs, ys, err = _errorbars(results, label, results.lever_sizes, value)
+                    axes.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=color,
+                                  linestyle=styles.get(backoff, "-"),
+                                  label=f"{family}, backoff {backoff:g}")
+        for axes in (left, right):
+            axes.set_xscale("log", base=2)
+            axes.set_xticks(list(results.lever_sizes), [str(n) for n in results.lever_sizes])
+            axes.set_xlabel("agents N")
+            axes.set_ylim(bottom=0)
+            axes.grid(alpha=0.3)
+        left.set_ylabel("seconds to rendezvous")
+        right.set_ylabel("CAS conflicts per rendezvous")
+        left.legend(fontsize=7)
+        figure.suptitle("The collision lever: conflict_backoff")
+        paths.append(_plots.save(figure, directory / "rendezvous_lever.png"))
+    return paths
+
+
+def report(results: RendezvousResults, *, command: str) -> str:
+    return "\n".join(["# Time to rendezvous", "", f"- command: `{command}`",
+                      f"- date: {now_utc()}", *machine_description(), markdown(results), ""])
+
+
+def settings(quick: bool, sizes: Sequence[int] | None = None,
+             lever_sizes: Sequence[int] | None = None, trials: int | None = None,
+             ) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    default_sizes, default_lever, default_trials = QUICK if quick else FULL
+    return (tuple(sizes) if sizes is not None else default_sizes,
+            tuple(lever_sizes) if lever_sizes is not None else default_lever,
+            trials if trials is not None else default_trials)
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.rendezvous",
+                                     description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help=f"sizes {QUICK[0]}, lever at {QUICK[1]}, {QUICK[2]} trial")
+    parser.add_argument("--sizes", type=positive, nargs="+", default=None,
+                        help=f"agent counts (default {' '.join(map(str, FULL[0]))})")
+    parser.add_argument("--lever-sizes", type=positive, nargs="*", default=None,
+                        help=f"agent counts for the conflict_backoff runs "
+                             f"(default {' '.join(map(str, FULL[1]))})")
+    parser.add_argument("--backoffs", type=positive_float, nargs="*", default=list(BACKOFFS),
+                        help="conflict_backoff values, seconds (default 0.02 0.05 0.1)")
+    parser.add_argument("--trials", type=positive, default=None,
+                        help=f"trials per variant and size (default {FULL[2]})")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    args = parser.parse_args(args_list)
+    sizes, lever_sizes, trials = settings(args.quick, args.sizes, args.lever_sizes, args.trials)
+    command = shlex.join(["python", "-m", "benchmarks.rendezvous", *args_list])
+    with exit_on_sigterm():
+        results = collect(sizes=sizes, lever_sizes=lever_sizes, backoffs=args.backoffs,
+                          trials=trials, progress=_progress)
+    text = report(results, command=command)
+    write_text(args.output, text)
+    print(text)
+    print(f"Written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
