@@ -32,15 +32,19 @@ def stores(
     """The store under test and a second client of the same store (another "node")."""
     timeout = datetime.timedelta(seconds=5)
     if request.param == "tcp":
-        main = TCPStore("127.0.0.1", 0, 1, True, timeout=timeout, wait_for_workers=False)
-        yield main, TCPStore("127.0.0.1", main.port, 1, False, timeout=timeout)
+        # Two clients: the master's own and the peer's.
+        main = TCPStore("127.0.0.1", 0, 2, True, timeout=timeout, wait_for_workers=False)
+        peer = TCPStore("127.0.0.1", main.port, 2, False,
+                        timeout=datetime.timedelta(seconds=60))  # connecting on a busy machine
+        peer.set_timeout(timeout)
+        yield main, peer
         return
     server: EtcdServer = request.getfixturevalue("etcd_server")
     params = RendezvousParameters("etcd-v3", server.get_endpoint(),
                                   f"parity-{uuid.uuid4().hex[:6]}", 1, 1, key_prefix=key_prefix)
-    (backend, etcd_main), (peer_backend, peer) = create_backend(params), create_backend(params)
+    (backend, etcd_main), (peer_backend, etcd_peer) = create_backend(params), create_backend(params)
     etcd_main.set_timeout(timeout)
-    yield etcd_main, peer
+    yield etcd_main, etcd_peer
     backend.close()
     peer_backend.close()
 
