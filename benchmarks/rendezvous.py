@@ -547,8 +547,12 @@ def lever_verdicts(results: RendezvousResults) -> list[str]:
                 continue
             wins = all(r.median < 1.0 for _, r in known)
             detail = ", ".join(f"N={n}: {r.median:.2f}" for n, r in known)
-            lines.append(f"- {label}: time / off {detail} → "
-                         f"{'wins at every N' if wins else 'does not win at every N'}")
+            verdict = "wins at every N" if wins else "does not win at every N"
+            unsure = [n for n, r in known if r.median < 1.0 <= r.high]
+            if wins and unsure:
+                verdict += (" by the median, but at N = " + ", ".join(map(str, unsure))
+                            + " some trials were slower with it (within the trials' spread)")
+            lines.append(f"- {label}: time / off {detail} → {verdict}")
     return lines
 
 

@@ -62,7 +62,10 @@ QUICK = ((1_000, 10_000), 2, 500)
 GO_FORM_LIMIT = 10 << 20
 #: torch's TCPStore (libuv server) refuses a value above this ("Invalid payload size").
 TCPSTORE_PAYLOAD_LIMIT = 8 << 20
-KEY = f"{DEFAULT_KEY_PREFIX}/a-typical-run-id".encode()
+#: The run id of the capacity checks: the key counts in the request, so every check's key
+#: has this length (``capacity-`` and 7 hex digits).
+RUN_ID_TEMPLATE = "capacity-0000000"
+KEY = f"{DEFAULT_KEY_PREFIX}/{RUN_ID_TEMPLATE}".encode()
 V3_FORM, V2_FORM = "etcd-v3 (stored form: header + zlib)", "etcd-v2 (base64)"
 
 
@@ -132,21 +135,31 @@ def forms(max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> tuple[Form, ...
     )
 
 
-def capacity(form: Form, tolerance: int) -> int:
-    """The largest n (within ``tolerance``) for which ``torch_state(n)`` fits ``form``.
+def capacity(form: Form, tolerance: int) -> tuple[int, bytes]:
+    """The largest n (within ``tolerance``) for which ``torch_state(n)`` fits ``form``, and
+    that state.
 
     A state's size grows almost linearly with n, so the search interpolates between the
     bracket's sizes (each probe builds a state: seconds at 100,000 nodes), bisecting only
-    when interpolation stops closing in.
+    when interpolation stops closing in. Each n is built once: ``torch_state`` stamps the
+    heartbeats with the current time, so two builds of one n differ by a few compressed
+    bytes, which at the limit decides.
     """
+    states: dict[int, bytes] = {}
+
+    def state(n: int) -> bytes:
+        if n not in states:
+            states[n] = torch_state(n)
+        return states[n]
+
     probe = 2_000
-    estimate = max(2, int(form.limit / (form.size(torch_state(probe)) / probe)))
+    estimate = max(2, int(form.limit / (form.size(state(probe)) / probe)))
     low, high = max(1, int(estimate * 0.9)), int(estimate * 1.1) + 1
-    while low > 1 and not form.fits(torch_state(low)):
+    while low > 1 and not form.fits(state(low)):
         low, high = max(1, low // 2), low
-    while form.fits(torch_state(high)):
+    while form.fits(state(high)):
         low, high = high, high * 2
-    low_size, high_size = form.size(torch_state(low)), form.size(torch_state(high))
+    low_size, high_size = form.size(state(low)), form.size(state(high))
     previous_width = None
     while high - low > tolerance:
         width = high - low
@@ -156,12 +169,11 @@ def capacity(form: Form, tolerance: int) -> int:
             fraction = (form.limit - low_size) / max(1, high_size - low_size)
             middle = min(high - 1, max(low + 1, low + round(fraction * width)))
         previous_width = width
-        state = torch_state(middle)
-        if form.fits(state):
-            low, low_size = middle, form.size(state)
+        if form.fits(state(middle)):
+            low, low_size = middle, form.size(state(middle))
         else:
-            high, high_size = middle, form.size(state)
-    return low
+            high, high_size = middle, form.size(state(middle))
+    return low, state(low)
 
 
 @dataclass(frozen=True)
@@ -199,10 +211,10 @@ def _describe(exc: BaseException) -> str:
     return " <- ".join(parts)
 
 
-def _verify(servers: BenchServers, kind: str, nodes: int, max_request_bytes: int) -> str:
-    """Write and read back a state of ``nodes`` nodes through ``kind``'s backend."""
-    state = torch_state(nodes)
-    run_id = f"capacity-{uuid.uuid4().hex[:8]}"
+def _verify(servers: BenchServers, kind: str, state: bytes, max_request_bytes: int) -> str:
+    """Write ``state`` and read it back through ``kind``'s backend."""
+    run_id = f"capacity-{uuid.uuid4().hex[:7]}"
+    assert len(run_id) == len(RUN_ID_TEMPLATE)
     config: dict[str, object] = {"read_timeout": 60}
     if kind == ETCD_V3:
         config["max_request_bytes"] = max_request_bytes
@@ -285,11 +297,11 @@ def collect(*, sizes: Sequence[int], repeats: int, tolerance: int,
     with BenchServers(extra_args=extra) as servers:
         for form in forms(max_request_bytes):
             started = time.monotonic()
-            nodes = capacity(form, tolerance)
-            verified = _verify(servers, form.kind, nodes, max_request_bytes) \
+            nodes, state = capacity(form, tolerance)
+            verified = _verify(servers, form.kind, state, max_request_bytes) \
                 if form.kind in kinds else "not run"
             results.capacities.append(Capacity(form.label, form.limit_text, nodes,
-                                               form.size(torch_state(nodes)), verified))
+                                               form.size(state), verified))
             say(f"state scale: {form.label}: {nodes:,} nodes ({verified}; "
                 f"{time.monotonic() - started:.0f} s)")
         for nodes in sizes:
@@ -353,8 +365,10 @@ def markdown(results: ScaleResults) -> str:
     lines += [
         "",
         "The states come from `etcd_rdzv.testing.states.torch_state(n)`: hostnames of the "
-        "form `node-000123.cluster.example.com`, a heartbeat timestamp per node. Real "
-        "hostnames compress differently, so the capacity moves with them (zlib stores "
+        "form `node-000123.cluster.example.com`, a heartbeat timestamp per node (stamped "
+        "with the current time, so a capacity moves by a few hundred nodes from run to "
+        "run; each is checked with the very state the search found). Real hostnames "
+        "compress differently, so the capacity moves with them (zlib stores "
         "about 14 bytes per node here against about 92 pickled, 122 in base64). A set "
         "includes encoding (etcd-v3: zlib level 1; etcd-v2 and c10d: base64), a get "
         "decoding; neither includes torch's pickling, shown apart. c10d's TCPStore keeps the "
