@@ -6,6 +6,8 @@ it behaves the same here; ``tests/test_store_parity.py`` runs one suite against 
 
 from __future__ import annotations
 
+import asyncio
+import random
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +23,9 @@ __all__ = ["MAX_TXN_OPS", "AsyncEtcdStore"]
 
 #: etcd's default ``--max-txn-ops``: a Txn of more operations is refused.
 MAX_TXN_OPS = 128
+
+#: Upper bound of the random pause after a lost compare-and-swap in add/append, seconds.
+_UPDATE_BACKOFF = 0.01
 
 _DECIMAL = re.compile(rb"\s*[+-]?\d+\s*")
 
@@ -295,6 +300,8 @@ class AsyncEtcdStore:
                 return new_value
             kvs = txn.responses[0].response_range.kvs
             kv = kvs[0] if kvs else None
+            # Callers that collided retry at once otherwise, and collide again.
+            await asyncio.sleep(random.uniform(0, _UPDATE_BACKOFF))
 
     async def delete_key(self, key: str | bytes) -> bool:
         """Delete ``key``; True if it existed."""
