@@ -14,6 +14,7 @@ import platform
 import signal
 import statistics
 import subprocess
+import sys
 import threading
 from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -151,6 +152,18 @@ def machine_description() -> list[str]:
 def write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+
+
+def publish(path: Path, text: str) -> None:
+    """Write a benchmark's report to ``path`` and show it."""
+    write_text(path, text)
+    print(text)
+    print(f"Written to {path}")
+
+
+def progress(line: str) -> None:
+    """A progress line, on stderr so that the report on stdout stays clean."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def positive(text: str) -> int:

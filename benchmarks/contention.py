@@ -39,7 +39,8 @@ from ._common import (
     markdown_table,
     now_utc,
     positive,
-    write_text,
+    progress,
+    publish,
 )
 from ._pool import WorkerPool
 
@@ -352,10 +353,6 @@ def settings(quick: bool) -> tuple[tuple[int, ...], tuple[int, ...], tuple[float
     return QUICK if quick else FULL
 
 
-def _progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m benchmarks.contention",
@@ -376,11 +373,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             processes=processes if args.processes is None else args.processes,
             backoffs=backoffs if args.backoffs is None else args.backoffs,
             seconds=seconds if args.seconds is None else args.seconds,
-            rounds=rounds if args.rounds is None else args.rounds, progress=_progress)
+            rounds=rounds if args.rounds is None else args.rounds, progress=progress)
     text = report(results, command=command)
-    write_text(args.output, text)
-    print(text)
-    print(f"Written to {args.output}")
+    publish(args.output, text)
     return 0
 
 

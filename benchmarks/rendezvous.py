@@ -49,7 +49,8 @@ from ._common import (
     now_utc,
     positive,
     positive_float,
-    write_text,
+    progress,
+    publish,
 )
 from ._pool import WorkerPool
 
@@ -696,10 +697,6 @@ def settings(quick: bool, sizes: Sequence[int] | None = None,
             trials if trials is not None else default_trials)
 
 
-def _progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m benchmarks.rendezvous",
@@ -721,11 +718,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "benchmarks.rendezvous", *args_list])
     with exit_on_sigterm():
         results = collect(sizes=sizes, lever_sizes=lever_sizes, backoffs=args.backoffs,
-                          trials=trials, progress=_progress)
+                          trials=trials, progress=progress)
     text = report(results, command=command)
-    write_text(args.output, text)
-    print(text)
-    print(f"Written to {args.output}")
+    publish(args.output, text)
     return 0
 
 

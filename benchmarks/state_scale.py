@@ -49,7 +49,8 @@ from ._common import (
     markdown_table,
     now_utc,
     positive,
-    write_text,
+    progress,
+    publish,
 )
 
 __all__ = ["ScaleResults", "collect", "main", "markdown"]
@@ -414,10 +415,6 @@ def report(results: ScaleResults, *, command: str) -> str:
                       *machine_description(), "", markdown(results), ""])
 
 
-def _progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m benchmarks.state_scale",
@@ -436,11 +433,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with exit_on_sigterm():
         results = collect(sizes=args.sizes or sizes, repeats=args.repeats or repeats,
                           tolerance=args.tolerance or tolerance,
-                          max_request_bytes=args.max_request_bytes, progress=_progress)
+                          max_request_bytes=args.max_request_bytes, progress=progress)
     text = report(results, command=command)
-    write_text(args.output, text)
-    print(text)
-    print(f"Written to {args.output}")
+    publish(args.output, text)
     return 0
 
 

@@ -40,7 +40,8 @@ from ._common import (
     markdown_table,
     now_utc,
     positive,
-    write_text,
+    progress,
+    publish,
 )
 from ._pool import WorkerPool
 
@@ -305,10 +306,6 @@ def report(results: StoreResults, *, command: str) -> str:
                       f"- date: {now_utc()}", *machine_description(), markdown(results), ""])
 
 
-def _progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m benchmarks.store_wakeup",
@@ -330,10 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = collect(
             rounds=args.rounds or rounds, batches=args.batches or batches,
             adders=args.adders or adders, adds=adds if args.adds is None else args.adds,
-            progress=_progress)
+            progress=progress)
     text = report(results, command=command)
-    print(text)
-    write_text(args.output, text)
+    publish(args.output, text)
     return 0
 
 
