@@ -16,8 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from etcd_rdzv import AsyncEtcdRendezvousBackend, EtcdClient, EtcdConfig
-from etcd_rdzv._connection import Deadline
+from etcd_rdzv import AsyncEtcdRendezvousBackend, Deadline, EtcdClient, EtcdConfig
 from etcd_rdzv.codec import StateCodec
 from etcd_rdzv.config import parse_endpoints
 from etcd_rdzv.testing import EtcdServer

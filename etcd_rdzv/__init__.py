@@ -15,20 +15,27 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._connection import EtcdClient
-    from .admin import RendezvousAdmin, RunInfo, RunNotFoundError, StateSnapshot
+    from .admin import RendezvousAdmin, RunInfo, StateSnapshot
     from .backend import AsyncEtcdRendezvousBackend
     from .codec import StateCodec
     from .config import Endpoint, EtcdConfig, RendezvousConfig
+    from .deadline import Deadline
     from .elastic.backend import EtcdRendezvousBackend
     from .elastic.plugin import create_backend, create_handler
     from .elastic.store import EtcdStore
     from .errors import (
+        CompactedError,
         EtcdAuthError,
         EtcdConnectionError,
         EtcdRendezvousError,
         EtcdStateError,
+        EtcdTLSError,
+        HandlerMismatchError,
+        LeaseNotFoundError,
+        RunNotFoundError,
         StateTooLargeError,
         StoreTimeoutError,
+        UnavailableError,
     )
     from .state import NodeDesc, RendezvousStateView, decode_state, encode_closed
     from .store import AsyncEtcdStore
@@ -47,15 +54,21 @@ _WHERE = {
     "EtcdStore": ".elastic.store",
     "create_backend": ".elastic.plugin",
     "create_handler": ".elastic.plugin",
+    "Deadline": ".deadline",
+    "CompactedError": ".errors",
     "EtcdAuthError": ".errors",
     "EtcdConnectionError": ".errors",
     "EtcdRendezvousError": ".errors",
     "EtcdStateError": ".errors",
+    "EtcdTLSError": ".errors",
+    "HandlerMismatchError": ".errors",
+    "LeaseNotFoundError": ".errors",
+    "RunNotFoundError": ".errors",
     "StateTooLargeError": ".errors",
     "StoreTimeoutError": ".errors",
+    "UnavailableError": ".errors",
     "RendezvousAdmin": ".admin",
     "RunInfo": ".admin",
-    "RunNotFoundError": ".admin",
     "StateSnapshot": ".admin",
     "NodeDesc": ".state",
     "RendezvousStateView": ".state",
@@ -66,6 +79,8 @@ _WHERE = {
 __all__ = [
     "AsyncEtcdRendezvousBackend",
     "AsyncEtcdStore",
+    "CompactedError",
+    "Deadline",
     "Endpoint",
     "EtcdAuthError",
     "EtcdClient",
@@ -75,6 +90,9 @@ __all__ = [
     "EtcdRendezvousError",
     "EtcdStateError",
     "EtcdStore",
+    "EtcdTLSError",
+    "HandlerMismatchError",
+    "LeaseNotFoundError",
     "NodeDesc",
     "RendezvousAdmin",
     "RendezvousConfig",
@@ -85,6 +103,7 @@ __all__ = [
     "StateSnapshot",
     "StateTooLargeError",
     "StoreTimeoutError",
+    "UnavailableError",
     "create_backend",
     "create_handler",
     "decode_state",

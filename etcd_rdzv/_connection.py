@@ -34,17 +34,18 @@ import grpc
 from aetcd import rpc
 
 from .config import Endpoint, EtcdConfig
-from .errors import EtcdAuthError, EtcdConnectionError, EtcdRendezvousError
+from .deadline import Deadline
+from .errors import (
+    CompactedError,
+    EtcdAuthError,
+    EtcdConnectionError,
+    EtcdRendezvousError,
+    EtcdTLSError,
+    LeaseNotFoundError,
+    UnavailableError,
+)
 
-__all__ = [
-    "CompactedError",
-    "Deadline",
-    "EtcdClient",
-    "KeyChange",
-    "LeaseNotFoundError",
-    "UnavailableError",
-    "WatchEvent",
-]
+__all__ = ["EtcdClient", "KeyChange", "WatchEvent"]
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +81,6 @@ _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 _RETRY_BACKOFF_MAX = 0.5
 
 
-class UnavailableError(EtcdConnectionError):
-    """One attempt failed in a way that may pass (UNAVAILABLE, DEADLINE_EXCEEDED).
-
-    For a write the outcome is unknown: it may have been applied.
-    """
-
 
 @dataclass(frozen=True)
 class KeyChange:
@@ -94,14 +89,6 @@ class KeyChange:
 
     value: bytes | None
 
-
-class CompactedError(EtcdRendezvousError):
-    """A watch asked for history that etcd has compacted away; read the key instead."""
-
-    def __init__(self, message: str, compact_revision: int) -> None:
-        super().__init__(message)
-        #: The oldest revision etcd still has.
-        self.compact_revision = compact_revision
 
 
 @dataclass(frozen=True)
@@ -116,34 +103,6 @@ class WatchEvent:
     """The lease the new value carries (0: none)."""
 
 
-class LeaseNotFoundError(EtcdConnectionError):
-    """A write named a lease etcd does not have (expired, revoked, or lost in a restore).
-
-    The write was not applied.
-    """
-
-
-@dataclass(frozen=True)
-class Deadline:
-    """A point in time (``time.monotonic``) by which an operation must end."""
-
-    at: float
-    seconds: float
-
-    @classmethod
-    def after(cls, seconds: float) -> Deadline:
-        return cls(time.monotonic() + seconds, seconds)
-
-    def remaining(self) -> float:
-        return self.at - time.monotonic()
-
-    @property
-    def expired(self) -> bool:
-        return self.remaining() <= 0
-
-    def attempt_timeout(self, request_timeout: float) -> float:
-        """The deadline of the next RPC attempt; at least 1 ms so gRPC fails cleanly."""
-        return max(0.001, min(request_timeout, self.remaining()))
 
 
 def _tls_failure(details: str, config: EtcdConfig, answered: bool) -> str | None:
@@ -172,6 +131,11 @@ def _path(path: os.PathLike[str] | None) -> str:
     return repr(os.fspath(path)) if path is not None else "None"
 
 
+def _permission_denied(what: str, config: EtcdConfig, access: str, details: str) -> str:
+    return (f"{what} failed: permission denied. The etcd user {config.username!r} needs "
+            f"{access} access to that key's prefix ({details}).")
+
+
 def _map_grpc_error(exc: grpc.aio.AioRpcError, what: str, config: EtcdConfig,
                     answered: bool = True) -> EtcdRendezvousError:
     """Turn a gRPC status into this project's error, naming what failed and where.
@@ -183,8 +147,8 @@ def _map_grpc_error(exc: grpc.aio.AioRpcError, what: str, config: EtcdConfig,
     if code in _TRANSIENT_CODES or any(text in details for text in _TRANSIENT_DETAILS):
         reason = _tls_failure(details, config, answered)
         if reason is not None:
-            return EtcdConnectionError(f"{what} failed: cannot connect to etcd at {targets}: "
-                                       f"{reason} ({details}).")
+            return EtcdTLSError(f"{what} failed: cannot connect to etcd at {targets}: "
+                                f"{reason} ({details}).")
         return UnavailableError(f"{what} failed: etcd at {targets} is unavailable "
                                 f"({code.name}: {details}).")
     if code == grpc.StatusCode.UNAUTHENTICATED or "authentication failed" in details:
@@ -192,9 +156,7 @@ def _map_grpc_error(exc: grpc.aio.AioRpcError, what: str, config: EtcdConfig,
                              f"user {config.username!r} ({details}). Check username and "
                              "password_file.")
     if code == grpc.StatusCode.PERMISSION_DENIED or "permission denied" in details:
-        return EtcdAuthError(f"{what} failed: permission denied. The etcd user "
-                             f"{config.username!r} needs read-write access to that key's "
-                             f"prefix ({details}).")
+        return EtcdAuthError(_permission_denied(what, config, "read-write", details))
     if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
         return LeaseNotFoundError(f"{what} failed: {details}.")
     if "database space exceeded" in details:
@@ -257,7 +219,7 @@ def _tls_credentials(config: EtcdConfig) -> grpc.ChannelCredentials:
             with open(path, "rb") as file:
                 return file.read()
         except OSError as exc:
-            raise EtcdConnectionError(f"Cannot read {name}={os.fspath(path)!r}: {exc}") from exc
+            raise EtcdTLSError(f"Cannot read {name}={os.fspath(path)!r}: {exc}") from exc
 
     cert = read(config.ssl_cert, "ssl_cert")
     key = read(config.ssl_cert_key, "ssl_cert_key") if config.ssl_cert_key else cert
@@ -626,9 +588,7 @@ class EtcdClient:
         if response.canceled:
             reason = response.cancel_reason or "no reason given"
             if "permission denied" in reason:
-                raise EtcdAuthError(f"{what} failed: permission denied. The etcd user "
-                                    f"{self._config.username!r} needs read access to that "
-                                    f"key's prefix ({reason}).")
+                raise EtcdAuthError(_permission_denied(what, self._config, "read", reason))
             raise EtcdConnectionError(f"{what} failed: etcd at {self._config.targets} canceled "
                                       f"the watch ({reason}).")
 

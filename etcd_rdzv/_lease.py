@@ -8,7 +8,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from ._connection import Deadline, EtcdClient, LeaseNotFoundError
+from ._connection import EtcdClient
+from .deadline import Deadline
+from .errors import LeaseNotFoundError
 
 T = TypeVar("T")
 

@@ -4,10 +4,7 @@
 uses next to the agents. It reads torch's state only through the restricted unpickler of
 :mod:`etcd_rdzv.state`, so a hostile state is refused rather than run.
 
-Keys, as the backend and the store write them::
-
-    <key_prefix>/<run_id>               the state of run <run_id>
-    <key_prefix>/<run_id>/store/<key>   the run's store
+The keys it reads are laid out in :mod:`etcd_rdzv.keys`.
 """
 
 from __future__ import annotations
@@ -24,26 +21,29 @@ from typing import Any
 
 from aetcd import rpc, utils
 
-from ._connection import CompactedError, Deadline, EtcdClient, UnavailableError
+from ._connection import EtcdClient
 from .backend import AsyncEtcdRendezvousBackend
 from .codec import StateCodec
-from .config import DEFAULT_KEY_PREFIX, DEFAULT_TTL, validate_key_prefix, validate_run_id
-from .errors import EtcdConnectionError, EtcdRendezvousError, EtcdStateError
+from .config import DEFAULT_KEY_PREFIX, DEFAULT_TTL, validate_key_prefix
+from .deadline import Deadline
+from .errors import (
+    CompactedError,
+    EtcdConnectionError,
+    EtcdStateError,
+    RunNotFoundError,
+    UnavailableError,
+)
+from .keys import RunKeys, parse_run_key, runs_prefix
 from .state import RendezvousStateView, decode_state, encode_closed
 
 __all__ = ["RendezvousAdmin", "RunInfo", "RunNotFoundError", "StateSnapshot"]
 
 log = logging.getLogger(__name__)
 
-_STORE = b"/store/"
 #: Lease look-ups in flight at once while listing runs.
 _LEASE_CONCURRENCY = 16
 _WATCH_BACKOFF_INITIAL = 0.1
 _WATCH_BACKOFF_MAX = 2.0
-
-
-class RunNotFoundError(EtcdRendezvousError, LookupError):
-    """The run has no state in etcd (never created, expired, or deleted)."""
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ class RendezvousAdmin:
 
     def state_key(self, run_id: str) -> bytes:
         """The etcd key of ``run_id``'s state."""
-        return f"{self._prefix}/{validate_run_id(run_id)}".encode()
+        return RunKeys(run_id, self._prefix).state
 
     def _deadline(self) -> Deadline:
         return Deadline.after(self._client.config.read_timeout)
@@ -182,32 +182,26 @@ class RendezvousAdmin:
     async def list_runs(self) -> list[RunInfo]:
         """Every run under the key prefix, sorted by run id.
 
-        A run is a state key ``<key_prefix>/<run_id>`` or store keys
-        ``<key_prefix>/<run_id>/store/...``; other keys under the prefix are not runs and
-        are left out. One range read of the prefix, then one lease look-up per run (for
-        ``idle_seconds`` and ``ttl_left``). A state that cannot be decoded is listed with
-        ``error`` set.
+        A run is any key of the layout in :mod:`etcd_rdzv.keys` (the state, store keys);
+        other keys under the prefix are not runs and are left out. One range read of the
+        prefix, then one lease look-up per run (for ``idle_seconds`` and ``ttl_left``). A
+        state that cannot be decoded is listed with ``error`` set.
 
         Raises:
             EtcdConnectionError: etcd did not answer within ``read_timeout``.
         """
-        base = self._prefix.encode() + b"/"
-        response = await self._client.get_prefix(base, self._deadline())
+        response = await self._client.get_prefix(runs_prefix(self._prefix), self._deadline())
         runs: dict[str, _RunKeys] = defaultdict(_RunKeys)
         for kv in response.kvs:
-            rest = bytes(kv.key)[len(base):]
-            name, slash, _ = rest.partition(b"/")
-            try:
-                run_id = validate_run_id(name.decode())
-            except (UnicodeDecodeError, ValueError):
-                continue
-            if not slash:
+            parsed = parse_run_key(self._prefix, bytes(kv.key))
+            if parsed is None or parsed[1] == "native":
+                continue  # not a key of this layout (another prefix nested here, say)
+            run_id, kind = parsed
+            if kind == "state":
                 runs[run_id].state = kv
-            elif rest.startswith(name + _STORE):
+            else:
                 runs[run_id].store_keys += 1
                 runs[run_id].store_bytes += len(kv.value)
-            else:
-                continue  # not a key of this layout (another prefix nested here, say)
             newest = runs[run_id].newest
             if newest is None or kv.mod_revision > newest.mod_revision:
                 runs[run_id].newest = kv
@@ -396,7 +390,7 @@ class RendezvousAdmin:
             await asyncio.sleep(random.uniform(0, 0.02))
 
     async def delete_run(self, run_id: str, *, unchanged_since: int | None = None) -> int | None:
-        """Delete the run's state and store keys, in one transaction.
+        """Delete every key of the run (state, store, native), in one transaction.
 
         Args:
             run_id: the run.
@@ -411,21 +405,21 @@ class RendezvousAdmin:
         Raises:
             EtcdConnectionError: etcd did not answer within ``read_timeout``.
         """
-        key = self.state_key(run_id)
-        store = key + _STORE
-        store_end = utils.prefix_range_end(store)
+        keys = RunKeys(run_id, self._prefix)
+        key, owned = keys.state, keys.run_prefix
+        owned_end = utils.prefix_range_end(owned)
         compare = []
         if unchanged_since is not None:
             compare = [
                 rpc.Compare(key=key, result=rpc.Compare.LESS, target=rpc.Compare.MOD,
                             mod_revision=unchanged_since + 1),
-                rpc.Compare(key=store, range_end=store_end, result=rpc.Compare.LESS,
+                rpc.Compare(key=owned, range_end=owned_end, result=rpc.Compare.LESS,
                             target=rpc.Compare.MOD, mod_revision=unchanged_since + 1),
             ]
         request = rpc.TxnRequest(compare=compare, success=[
             rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key)),
-            rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=store,
-                                                                      range_end=store_end)),
+            rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=owned,
+                                                                      range_end=owned_end)),
         ])
         response = await self._client.txn_idempotent(
             request, self._deadline(), f"Deleting the run {key.decode(errors='replace')!r}")

@@ -12,7 +12,7 @@ from typing import Any, Final
 
 from aetcd import rpc
 
-from ._connection import CompactedError, Deadline, EtcdClient, UnavailableError
+from ._connection import EtcdClient
 from ._lease import AmortizedLease
 from .codec import StateCodec
 from .config import (
@@ -20,10 +20,11 @@ from .config import (
     DEFAULT_TTL,
     validate_compact_interval,
     validate_conflict_backoff,
-    validate_key_prefix,
     validate_run_id,
 )
-from .errors import EtcdConnectionError
+from .deadline import Deadline
+from .errors import CompactedError, EtcdConnectionError, UnavailableError
+from .keys import RunKeys
 from .state import decode_state
 
 __all__ = ["AsyncEtcdRendezvousBackend"]
@@ -106,7 +107,7 @@ class AsyncEtcdRendezvousBackend:
                              f"ttl={ttl!r}.")
         self._client = client
         self._run_id = run_id
-        self._key = f"{validate_key_prefix(key_prefix)}/{run_id}".encode()
+        self._key = RunKeys(run_id, key_prefix).state
         self._codec = codec or StateCodec()
         self._lease = AmortizedLease(client, ttl)
         self._conflict_backoff = validate_conflict_backoff(conflict_backoff)

@@ -327,7 +327,7 @@ def _state_word(state: Any) -> str:
 
 
 async def _status(args: argparse.Namespace, admin: Any, config: RendezvousConfig) -> int:
-    from .admin import RunNotFoundError
+    from .errors import RunNotFoundError
 
     snapshot = await admin.snapshot(args.run_id)
     key = admin.state_key(args.run_id).decode()
@@ -439,7 +439,7 @@ async def _close(args: argparse.Namespace, admin: Any, config: RendezvousConfig)
 
 
 async def _delete(args: argparse.Namespace, admin: Any, config: RendezvousConfig) -> int:
-    from .admin import RunNotFoundError
+    from .errors import RunNotFoundError
 
     deleted = await admin.delete_run(args.run_id)
     if not deleted:
@@ -488,7 +488,8 @@ async def _cleanup(args: argparse.Namespace, admin: Any, config: RendezvousConfi
 # --- serve ----------------------------------------------------------------------------------
 
 def _serve(args: argparse.Namespace) -> int:
-    from .testing import EtcdServer, EtcdStartError
+    from .errors import EtcdStartError
+    from .testing import EtcdServer
 
     stop = threading.Event()
 
@@ -536,9 +537,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Any, RendezvousConfig], Await
 
 
 def _exit_code(exc: BaseException) -> int:
-    from ._connection import UnavailableError
-    from .admin import RunNotFoundError
-    from .errors import EtcdAuthError, EtcdConnectionError
+    from .errors import EtcdAuthError, EtcdConnectionError, RunNotFoundError, UnavailableError
 
     if isinstance(exc, RunNotFoundError):
         return EXIT_NOT_FOUND

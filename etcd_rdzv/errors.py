@@ -1,24 +1,47 @@
-"""The errors of the async core. None of them needs torch.
+"""Every error etcd_rdzv raises, in one module. None of them needs torch.
 
-The torch face (:mod:`etcd_rdzv.elastic`) maps them onto torch's classes in one place:
-:class:`EtcdConnectionError` becomes ``RendezvousConnectionError`` and
-:class:`EtcdStateError` becomes ``RendezvousStateError``.
+Read this module to learn what can go wrong. The hierarchy::
+
+    EtcdRendezvousError
+    ├── EtcdConnectionError          etcd not reached, or no answer within the deadline
+    │   ├── UnavailableError         one attempt failed in a way that may pass
+    │   ├── LeaseNotFoundError       a write named a lease etcd no longer has
+    │   ├── EtcdTLSError             TLS is misconfigured: retrying cannot help
+    │   └── EtcdAuthError            credentials or permissions refused
+    ├── EtcdStateError               a stored value cannot be decoded or stored
+    │   └── StateTooLargeError
+    ├── CompactedError               a watch asked for history etcd has compacted
+    ├── StoreTimeoutError            a store get/wait ran out of time
+    ├── RunNotFoundError             a run has no state (also a LookupError)
+    └── HandlerMismatchError         a run is driven by the other rendezvous handler
+    EtcdStartError                   the test harness could not start etcd (RuntimeError)
+
+The torch face maps them onto torch's classes in one function,
+:func:`etcd_rdzv.elastic._portal.run_for_torch`: :class:`EtcdConnectionError` becomes
+``RendezvousConnectionError`` and :class:`EtcdStateError` ``RendezvousStateError``.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "CompactedError",
     "EtcdAuthError",
     "EtcdConnectionError",
     "EtcdRendezvousError",
+    "EtcdStartError",
     "EtcdStateError",
+    "EtcdTLSError",
+    "HandlerMismatchError",
+    "LeaseNotFoundError",
+    "RunNotFoundError",
     "StateTooLargeError",
     "StoreTimeoutError",
+    "UnavailableError",
 ]
 
 
 class EtcdRendezvousError(Exception):
-    """Base class of every error raised by etcd_rdzv."""
+    """Base class of every error raised by etcd_rdzv (except the test harness's)."""
 
 
 class EtcdConnectionError(EtcdRendezvousError):
@@ -27,6 +50,25 @@ class EtcdConnectionError(EtcdRendezvousError):
     Raised only after the operation's retries are spent. A write that ends with this error
     may or may not have been applied: read the state to find out.
     """
+
+
+class UnavailableError(EtcdConnectionError):
+    """One attempt failed in a way that may pass (UNAVAILABLE, DEADLINE_EXCEEDED).
+
+    For a write the outcome is unknown: it may have been applied.
+    """
+
+
+class LeaseNotFoundError(EtcdConnectionError):
+    """A write named a lease etcd does not have (expired, revoked, or lost in a restore).
+
+    The write was not applied.
+    """
+
+
+class EtcdTLSError(EtcdConnectionError):
+    """The TLS setup cannot work (wrong CA, missing client certificate, plaintext against a
+    TLS port, an unreadable certificate file): failing at once, since retrying cannot help."""
 
 
 class EtcdAuthError(EtcdConnectionError):
@@ -41,5 +83,29 @@ class StateTooLargeError(EtcdStateError):
     """A state does not fit etcd's request size limit, even compressed. Nothing was sent."""
 
 
+class CompactedError(EtcdRendezvousError):
+    """A watch asked for history that etcd has compacted away; read the key instead."""
+
+    def __init__(self, message: str, compact_revision: int) -> None:
+        super().__init__(message)
+        #: The oldest revision etcd still has.
+        self.compact_revision = compact_revision
+
+
 class StoreTimeoutError(EtcdRendezvousError):
     """A store ``get`` or ``wait`` ended before every key it waited for was set."""
+
+
+class RunNotFoundError(EtcdRendezvousError, LookupError):
+    """The run has no state in etcd (never created, expired, or deleted)."""
+
+
+class HandlerMismatchError(EtcdRendezvousError):
+    """A node joined a run that another rendezvous handler (``handler=torch`` against
+    ``handler=native``) already drives: the two protocols cannot share a run."""
+
+
+class EtcdStartError(RuntimeError):
+    """The test harness (:mod:`etcd_rdzv.testing`) could not start etcd, or etcd did not
+    answer; the message carries its log's tail."""
+

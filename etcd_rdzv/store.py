@@ -15,9 +15,10 @@ from typing import Any
 
 from aetcd import rpc
 
-from ._connection import Deadline, EtcdClient, UnavailableError
+from ._connection import EtcdClient
 from ._lease import AmortizedLease
-from .errors import EtcdConnectionError, StoreTimeoutError
+from .deadline import Deadline
+from .errors import EtcdConnectionError, StoreTimeoutError, UnavailableError
 
 __all__ = ["MAX_TXN_OPS", "AsyncEtcdStore"]
 

@@ -22,6 +22,7 @@ from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
 from etcd_rdzv import (
     AsyncEtcdRendezvousBackend,
     AsyncEtcdStore,
+    Deadline,
     EtcdClient,
     EtcdConfig,
     EtcdStateError,
@@ -29,7 +30,6 @@ from etcd_rdzv import (
     RunNotFoundError,
     StateSnapshot,
 )
-from etcd_rdzv._connection import Deadline
 from etcd_rdzv.config import parse_endpoints
 from etcd_rdzv.elastic import create_backend
 from etcd_rdzv.testing import EtcdServer

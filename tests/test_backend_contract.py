@@ -16,8 +16,7 @@ import pytest
 import pytest_asyncio
 from torch.distributed.elastic.rendezvous import RendezvousStateError
 
-from etcd_rdzv import AsyncEtcdRendezvousBackend, EtcdClient, EtcdConfig, EtcdStateError
-from etcd_rdzv._connection import Deadline
+from etcd_rdzv import AsyncEtcdRendezvousBackend, Deadline, EtcdClient, EtcdConfig, EtcdStateError
 from etcd_rdzv.codec import HEADER_SIZE
 from etcd_rdzv.elastic import EtcdRendezvousBackend
 

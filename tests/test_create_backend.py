@@ -14,8 +14,7 @@ from torch.distributed.elastic.rendezvous import (
 )
 from torch.distributed.elastic.rendezvous.api import RendezvousStoreInfo
 
-from etcd_rdzv import EtcdClient, EtcdConfig
-from etcd_rdzv._connection import Deadline
+from etcd_rdzv import Deadline, EtcdClient, EtcdConfig
 from etcd_rdzv._lease import lease_window
 from etcd_rdzv.codec import StateCodec
 from etcd_rdzv.config import parse_endpoints

@@ -9,8 +9,13 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import pytest_asyncio
 
-from etcd_rdzv import AsyncEtcdRendezvousBackend, EtcdClient, EtcdConfig, EtcdConnectionError
-from etcd_rdzv._connection import Deadline
+from etcd_rdzv import (
+    AsyncEtcdRendezvousBackend,
+    Deadline,
+    EtcdClient,
+    EtcdConfig,
+    EtcdConnectionError,
+)
 from etcd_rdzv.config import parse_endpoints
 from etcd_rdzv.testing import EtcdServer, free_port
 

@@ -14,8 +14,13 @@ import pytest
 from aetcd import rpc
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 
-from etcd_rdzv import AsyncEtcdRendezvousBackend, EtcdClient, EtcdConfig, EtcdConnectionError
-from etcd_rdzv._connection import Deadline
+from etcd_rdzv import (
+    AsyncEtcdRendezvousBackend,
+    Deadline,
+    EtcdClient,
+    EtcdConfig,
+    EtcdConnectionError,
+)
 from etcd_rdzv.config import parse_endpoints
 from etcd_rdzv.elastic import create_backend
 from etcd_rdzv.testing import EtcdCluster, EtcdServer

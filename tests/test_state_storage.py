@@ -10,12 +10,12 @@ import pytest
 
 from etcd_rdzv import (
     AsyncEtcdRendezvousBackend,
+    Deadline,
     EtcdClient,
     EtcdStateError,
     StateCodec,
     StateTooLargeError,
 )
-from etcd_rdzv._connection import Deadline
 from etcd_rdzv._lease import lease_window
 from etcd_rdzv.codec import HEADER_SIZE
 from etcd_rdzv.config import DEFAULT_MAX_REQUEST_BYTES

@@ -30,8 +30,7 @@ from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
     create_handler as torch_create_handler,
 )
 
-from etcd_rdzv import EtcdClient
-from etcd_rdzv._connection import Deadline
+from etcd_rdzv import Deadline, EtcdClient
 from etcd_rdzv.codec import StateCodec
 from etcd_rdzv.config import BACKEND_OPTIONS, EtcdConfig, parse_endpoints
 from etcd_rdzv.elastic import create_backend

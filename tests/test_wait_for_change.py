@@ -6,8 +6,7 @@ import asyncio
 
 import pytest
 
-from etcd_rdzv import AsyncEtcdRendezvousBackend, EtcdClient, EtcdConfig
-from etcd_rdzv._connection import Deadline
+from etcd_rdzv import AsyncEtcdRendezvousBackend, Deadline, EtcdClient, EtcdConfig
 from etcd_rdzv.config import parse_endpoints
 from etcd_rdzv.elastic import EtcdRendezvousBackend
 from etcd_rdzv.testing import EtcdServer

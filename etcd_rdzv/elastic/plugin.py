@@ -45,8 +45,10 @@ def create_backend(params: RendezvousParameters) -> tuple[EtcdRendezvousBackend,
 
 def _create_backend(config: RendezvousConfig) -> tuple[EtcdRendezvousBackend, Store]:
     """:func:`create_backend` from options already parsed."""
-    from .._connection import Deadline, EtcdClient
+    from .._connection import EtcdClient
     from ..codec import StateCodec
+    from ..deadline import Deadline
+    from ..keys import RunKeys
     from ..store import AsyncEtcdStore
     from .backend import EtcdRendezvousBackend, run_for_torch
     from .store import EtcdStore
@@ -65,7 +67,7 @@ def _create_backend(config: RendezvousConfig) -> tuple[EtcdRendezvousBackend, St
     probe_seconds = min(config.etcd.connect_timeout, config.etcd.read_timeout)
     run_for_torch(client.get(backend.async_backend.key, Deadline.after(probe_seconds)),
                   probe_seconds)
-    store_prefix = f"{config.key_prefix}/{config.run_id}/store/".encode()
+    store_prefix = RunKeys(config.run_id, config.key_prefix).store_prefix
     store = EtcdStore(AsyncEtcdStore(client, store_prefix, backend.async_backend.lease))
     return backend, store
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from ..errors import EtcdStartError
 from ._certs import TlsCertificates, make_certificates
 
 if TYPE_CHECKING:
@@ -39,10 +40,6 @@ __all__ = [
 ]
 
 _LOG_TAIL_CHARS = 4000
-
-
-class EtcdStartError(RuntimeError):
-    """etcd did not start or did not answer; the message carries its log's tail."""
 
 
 def find_etcd_binary(name: str = "etcd") -> str:

@@ -1,0 +1,89 @@
+"""The key layout: every etcd key etcd_rdzv reads or writes is named here, and only here.
+
+Under one ``key_prefix`` (default ``/torch/elastic/rendezvous``, torch's ``etcd-v2`` key)::
+
+    <key_prefix>/<run_id>                 the state torch's handler writes (handler=torch)
+    <key_prefix>/<run_id>/store/<key>     the run's key-value store (torch's Store)
+    <key_prefix>/<run_id>/native/...      the native rendezvous's keys (handler=native)
+
+A run id holds no ``/`` (:func:`~etcd_rdzv.config.validate_run_id`), so the keys of one run
+can never reach into another's, and a key names its run unambiguously
+(:func:`parse_run_key`). Everything a run owns besides the state key sits under
+:attr:`RunKeys.run_prefix`, so one range deletes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .config import DEFAULT_KEY_PREFIX, validate_key_prefix, validate_run_id
+
+__all__ = ["KeyKind", "RunKeys", "parse_run_key", "runs_prefix"]
+
+#: What a key of a run is: the torch handler's state, a store key, a native-protocol key.
+KeyKind = Literal["state", "store", "native"]
+
+_STORE = "store"
+_NATIVE = "native"
+
+
+@dataclass(frozen=True)
+class RunKeys:
+    """The keys of one run. Built from validated values: an invalid prefix or run id
+    raises :class:`ValueError` naming the option."""
+
+    run_id: str
+    """The rendezvous id (torchrun's ``--rdzv-id``)."""
+    key_prefix: str = DEFAULT_KEY_PREFIX
+    """Where the runs live; kept without a trailing ``/``."""
+
+    def __post_init__(self) -> None:
+        validate_run_id(self.run_id)
+        object.__setattr__(self, "key_prefix", validate_key_prefix(self.key_prefix))
+
+    @property
+    def state(self) -> bytes:
+        """The key of torch's pickled rendezvous state (``handler=torch``)."""
+        return f"{self.key_prefix}/{self.run_id}".encode()
+
+    @property
+    def run_prefix(self) -> bytes:
+        """The prefix of every other key of the run (store, native)."""
+        return self.state + b"/"
+
+    @property
+    def store_prefix(self) -> bytes:
+        """The prefix of the run's store keys; a store key is this plus its name."""
+        return self.run_prefix + _STORE.encode() + b"/"
+
+    @property
+    def native_prefix(self) -> bytes:
+        """The prefix of the native rendezvous's keys (see :mod:`etcd_rdzv.native`)."""
+        return self.run_prefix + _NATIVE.encode() + b"/"
+
+
+def runs_prefix(key_prefix: str) -> bytes:
+    """The prefix every run's keys start with: ``<key_prefix>/``."""
+    return validate_key_prefix(key_prefix).encode() + b"/"
+
+
+def parse_run_key(key_prefix: str, key: bytes) -> tuple[str, KeyKind] | None:
+    """The run a key belongs to and what kind of key it is; None for a key of no run
+    (another layout nested under the prefix, an invalid run id)."""
+    base = runs_prefix(key_prefix)
+    if not key.startswith(base):
+        return None
+    name, slash, rest = key[len(base):].partition(b"/")
+    try:
+        run_id = validate_run_id(name.decode())
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not slash:
+        return run_id, "state"
+    area = rest.partition(b"/")[0].decode(errors="replace")
+    if area == _STORE and rest.startswith(_STORE.encode() + b"/"):
+        return run_id, "store"
+    if area == _NATIVE and rest.startswith(_NATIVE.encode() + b"/"):
+        return run_id, "native"
+    return None
