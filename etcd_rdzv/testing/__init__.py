@@ -79,6 +79,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def _port_taken(host: str, port: int) -> bool:
+    # SO_REUSEADDR as etcd's own listener sets it: a port in TIME_WAIT is free to etcd.
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def _channel(endpoint: str, tls: TlsCertificates | None) -> grpc.Channel:
     import grpc
 
@@ -110,8 +121,10 @@ class _Member:
     """One etcd process with its ports, data dir and log."""
 
     def __init__(self, name: str, host: str, data_dir: Path,
-                 tls: TlsCertificates | None, client_cert_auth: bool) -> None:
+                 tls: TlsCertificates | None, client_cert_auth: bool,
+                 requested_client_port: int = 0) -> None:
         self.name = name
+        self.requested_client_port = requested_client_port
         self.tls = tls
         self.client_cert_auth = client_cert_auth
         self.host = host
@@ -134,7 +147,19 @@ class _Member:
         return self.url(self.client_port, "https" if self.tls else "http")
 
     def pick_ports(self) -> None:
-        self.client_port, self.peer_port = free_port(self.host), free_port(self.host)
+        """Free ports, or the requested client port (an error at once if it is taken)."""
+        if self.requested_client_port:
+            if _port_taken(self.host, self.requested_client_port):
+                raise EtcdStartError(
+                    f"client_port={self.requested_client_port} is taken on {self.host}: "
+                    f"stop what listens there, or pass client_port=0 for a free port."
+                )
+            self.client_port = self.requested_client_port
+        else:
+            self.client_port = free_port(self.host)
+        self.peer_port = free_port(self.host)
+        while self.peer_port == self.client_port:
+            self.peer_port = free_port(self.host)
 
     def launch(self, binary: str, cluster: str, state: str, extra_args: Sequence[str]) -> None:
         args = [
@@ -396,7 +421,11 @@ class EtcdCluster:
 
 
 class EtcdServer(EtcdCluster):
-    """One etcd member on loopback, with the surface of torch's ``EtcdServer``."""
+    """One etcd member on loopback, with the surface of torch's ``EtcdServer``.
+
+    ``client_port`` 0 picks a free port; any other value is the exact port etcd serves
+    clients on, and :meth:`start` raises :class:`EtcdStartError` naming it if it is taken.
+    """
 
     def __init__(
         self,
@@ -406,9 +435,14 @@ class EtcdServer(EtcdCluster):
         extra_args: Sequence[str] = (),
         tls: TlsCertificates | None = None,
         client_cert_auth: bool = False,
+        client_port: int = 0,
     ) -> None:
+        if not 0 <= client_port <= 65535:
+            raise ValueError(f"client_port must be 0 (a free port) or a TCP port, "
+                             f"got client_port={client_port}.")
         super().__init__(1, host=host, extra_args=extra_args, data_dir=data_dir, tls=tls,
                          client_cert_auth=client_cert_auth)
+        self.members[0].requested_client_port = client_port
 
     def start(self, timeout: float = 60.0, num_retries: int = 3, stderr: object = None) -> None:
         """Start etcd; ``stderr`` is accepted for torch compatibility (the log is kept)."""
