@@ -34,7 +34,7 @@ from .errors import (
     UnavailableError,
 )
 from .keys import RunKeys, parse_run_key, runs_prefix
-from .state import RendezvousStateView, decode_state, encode_closed
+from .state import NotATorchStateError, RendezvousStateView, decode_state, encode_closed
 
 __all__ = ["RendezvousAdmin", "RunInfo", "RunNotFoundError", "StateSnapshot"]
 
@@ -79,6 +79,9 @@ class RunInfo:
     """The decoded state; None without a state or when it could not be decoded."""
     error: str | None
     """Why the state could not be decoded, if it could not."""
+    not_a_torch_state: bool = False
+    """The state key holds something other than torch's rendezvous state (another program
+    wrote it): :class:`~etcd_rdzv.state.NotATorchStateError`, not a corrupt state."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready data (what ``etcd-rdzv list --json`` prints)."""
@@ -100,6 +103,7 @@ class RunInfo:
             "closed": state.closed if state is not None else None,
             "world_size": state.world_size if state is not None else None,
             "error": self.error,
+            "not_a_torch_state": self.not_a_torch_state,
         }
 
 
@@ -185,7 +189,8 @@ class RendezvousAdmin:
         A run is any key of the layout in :mod:`etcd_rdzv.keys` (the state, store keys);
         other keys under the prefix are not runs and are left out. One range read of the
         prefix, then one lease look-up per run (for ``idle_seconds`` and ``ttl_left``). A
-        state that cannot be decoded is listed with ``error`` set.
+        state that cannot be decoded is listed with ``error`` set (and ``not_a_torch_state``
+        when another program wrote it).
 
         Raises:
             EtcdConnectionError: etcd did not answer within ``read_timeout``.
@@ -211,12 +216,12 @@ class RendezvousAdmin:
         infos = []
         for run_id in sorted(runs):
             keys = runs[run_id]
-            state, error = None, None
+            state, error, foreign = None, None, False
             if keys.state is not None:
                 try:
                     state = self._decode(bytes(keys.state.value), bytes(keys.state.key))
                 except EtcdStateError as exc:
-                    error = str(exc)
+                    error, foreign = str(exc), isinstance(exc, NotATorchStateError)
             idle, ttl_left = None, None
             lease = leases.get(int(keys.newest.lease))
             if lease is not None:
@@ -239,6 +244,7 @@ class RendezvousAdmin:
                 ttl_left=ttl_left,
                 state=state,
                 error=error,
+                not_a_torch_state=foreign,
             ))
         return infos
 

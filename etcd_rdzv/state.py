@@ -14,6 +14,14 @@ unpickler that admits only what torch's state is made of:
 Any other global (``os.system``, ``builtins.exec``, ...) raises
 :class:`~etcd_rdzv.errors.EtcdStateError` naming it, before anything is called.
 
+Three kinds of failure, told apart because an operator's fix differs:
+
+* **not a torch state** (:class:`NotATorchStateError`): the value is no pickle of torch's
+  ``_RendezvousState`` at all (``b"hello"``, a pickled dict): another program wrote the key;
+* **refused**: the pickle names a global outside the list above (nothing ran);
+* **malformed or corrupt**: it names torch's state but does not unpickle, or its fields are
+  not torch's (:class:`~etcd_rdzv.errors.EtcdStateError`).
+
 * :func:`decode_state` returns a :class:`RendezvousStateView`.
 * :func:`encode_closed` returns the same state marked closed, as a pickle torch's handler
   loads (what its ``set_closed()`` writes).
@@ -35,6 +43,7 @@ from .errors import EtcdStateError
 __all__ = [
     "TORCH_STATE_MODULE",
     "NodeDesc",
+    "NotATorchStateError",
     "RendezvousStateView",
     "decode_state",
     "encode_closed",
@@ -44,6 +53,12 @@ __all__ = [
 TORCH_STATE_MODULE = "torch.distributed.elastic.rendezvous.dynamic_rendezvous"
 
 _UTC = datetime.timezone.utc
+
+
+class NotATorchStateError(EtcdStateError):
+    """The value is not a pickle of torch's rendezvous state at all: it does not unpickle and
+    does not name torch's state, or it holds another object. Another program wrote the key.
+    """
 
 
 class _PickledNode:
@@ -162,13 +177,28 @@ def _load(pickled: bytes, key: bytes | str | None) -> _PickledState:
         raise EtcdStateError(f"The rendezvous state{where} is not a plain rendezvous state: "
                              f"{exc}.") from None
     except Exception as exc:  # any malformed pickle: truncated, bad opcode, bad arguments
-        raise EtcdStateError(f"The rendezvous state{where} is corrupt: it does not unpickle "
-                             f"({type(exc).__name__}: {exc}).") from None
+        reason = f"it does not unpickle ({type(exc).__name__}: {exc})"
+        if TORCH_STATE_MODULE.encode() in pickled:
+            raise EtcdStateError(f"The rendezvous state{where} is corrupt: it names torch's "
+                                 f"state, but {reason}.") from None
+        if not pickled:
+            reason = "it is empty"
+        elif not pickled.startswith(_PICKLE_PROTO):  # torch pickles with protocol 2 or later
+            reason = f"it is not a pickle: it starts with {bytes(pickled[:16])!r}"
+        raise NotATorchStateError(_not_a_torch_state(where, pickled, reason)) from None
     if not isinstance(loaded, _PickledState):
-        raise EtcdStateError(f"The rendezvous state{where} is not a plain rendezvous state: "
-                             f"the pickle holds a {type(loaded).__name__}, not torch's "
-                             "_RendezvousState.")
+        raise NotATorchStateError(_not_a_torch_state(
+            where, pickled, f"the pickle holds a {type(loaded).__name__}, not torch's "
+            "_RendezvousState"))
     return loaded
+
+
+_PICKLE_PROTO = pickle.PROTO
+
+
+def _not_a_torch_state(where: str, pickled: bytes, reason: str) -> str:
+    return (f"The value{where} is not a torch rendezvous state ({len(pickled):,} bytes): "
+            f"{reason}. Did another program write it?")
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -362,6 +392,7 @@ def decode_state(pickled: bytes, *, key: bytes | str | None = None) -> Rendezvou
         key: the etcd key it came from, for error messages only.
 
     Raises:
+        NotATorchStateError: ``pickled`` is no pickle of torch's state at all.
         EtcdStateError: the pickle names a global other than those of torch's state (the
             message names it; nothing was called), is malformed, or is not shaped like
             torch's state.
