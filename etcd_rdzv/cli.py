@@ -27,7 +27,15 @@ from contextlib import aclosing
 from types import FrameType
 from typing import IO, Any
 
-from .config import DEFAULT_KEY_PREFIX, RendezvousConfig
+from . import __version__
+from .config import DEFAULT_KEY_PREFIX, DEFAULT_TTL, RendezvousConfig
+from .errors import (
+    EtcdAuthError,
+    EtcdRendezvousError,
+    EtcdTLSError,
+    RunNotFoundError,
+    UnavailableError,
+)
 
 __all__ = [
     "EXIT_AUTH",
@@ -78,8 +86,16 @@ _FLAG_OF_OPTION = {
     "password_file": "--password-file",
     "protocol": "--protocol",
     "read_timeout": "--timeout",
+    "ttl": "--ttl",
     "run_id": "RUN_ID",
 }
+#: The exit code of each kind of error, the first match wins (subclasses before their bases).
+_EXIT_CODE_OF_ERROR: tuple[tuple[type[BaseException], int], ...] = (
+    (RunNotFoundError, EXIT_NOT_FOUND),
+    (EtcdAuthError, EXIT_AUTH),
+    (EtcdTLSError, EXIT_UNREACHABLE),
+    (UnavailableError, EXIT_UNREACHABLE),
+)
 
 
 class _UsageError(Exception):
@@ -204,6 +220,7 @@ def _build_parser() -> _Parser:
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("-V", "--version", action="version", version=f"etcd-rdzv {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
     connection = _connection_flags()
@@ -211,7 +228,8 @@ def _build_parser() -> _Parser:
     def command(name: str, summary: str, description: str,
                 with_connection: bool = True) -> argparse.ArgumentParser:
         sub = commands.add_parser(
-            name, help=summary, description=textwrap.fill(description, 88), epilog=epilog,
+            name, help=summary, description=textwrap.fill(description, 88),
+            epilog="exit codes: see etcd-rdzv --help",
             parents=[connection] if with_connection else [],
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
@@ -249,8 +267,9 @@ def _build_parser() -> _Parser:
                     "that joins or re-joins gets RendezvousClosedError instead of waiting for "
                     "a new round. Running workers are not interrupted.")
     close.add_argument("run_id", metavar="RUN_ID", help="the run id (--rdzv-id)")
-    close.add_argument("--ttl", type=int, default=None, metavar="SECONDS",
-                       help="how long the closed state outlives this write (default 7200)")
+    close.add_argument("--ttl", metavar="SECONDS",
+                       help=f"how long the closed state outlives this write (ttl); default "
+                            f"{DEFAULT_TTL}")
 
     delete = command("delete", "delete a run's state and store keys",
                      "Delete the run's state and its store keys, in one transaction. Agents "
@@ -283,6 +302,7 @@ def _config(args: argparse.Namespace, run_id: str | None) -> RendezvousConfig:
         "username": args.user,
         "password_file": args.password_file,
         "read_timeout": args.timeout,
+        "ttl": getattr(args, "ttl", None),
     }
     try:
         # list and cleanup name no run; any valid id serves.
@@ -300,18 +320,36 @@ def _config(args: argparse.Namespace, run_id: str | None) -> RendezvousConfig:
 
 def _admin_call(args: argparse.Namespace, run_id: str | None,
                 body: Callable[[Any, RendezvousConfig], Awaitable[int]]) -> int:
-    """Run ``body(admin, config)`` in a fresh event loop with a client that is closed after."""
+    """Run ``body(admin, config)`` in a fresh event loop with a client that is closed after.
+
+    A long-running command (:data:`_UNTIL_SIGNAL`) is cancelled by SIGINT or SIGTERM and
+    then exits 0, its client closed.
+    """
     config = _config(args, run_id)
 
     async def run() -> int:
         from ._connection import EtcdClient
         from .admin import RendezvousAdmin
 
-        async with EtcdClient(config.etcd) as client:
-            ttl = getattr(args, "ttl", None)
-            admin = RendezvousAdmin(client, config.key_prefix,
-                                    **({"ttl": ttl} if ttl is not None else {}))
-            return await body(admin, config)
+        stopped_by: list[int] = []
+        if args.command in _UNTIL_SIGNAL:
+            loop, task = asyncio.get_running_loop(), asyncio.current_task()
+            assert task is not None
+
+            def stop(signum: int) -> None:
+                stopped_by.append(signum)
+                task.cancel()
+
+            for signum in _STOP_SIGNALS:
+                loop.add_signal_handler(signum, stop, signum)
+        try:
+            async with EtcdClient(config.etcd) as client:
+                admin = RendezvousAdmin(client, config.key_prefix, ttl=config.ttl)
+                return await body(admin, config)
+        except asyncio.CancelledError:
+            if stopped_by:
+                return EXIT_OK
+            raise
 
     return asyncio.run(run())
 
@@ -327,8 +365,6 @@ def _state_word(state: Any) -> str:
 
 
 async def _status(args: argparse.Namespace, admin: Any, config: RendezvousConfig) -> int:
-    from .errors import RunNotFoundError
-
     snapshot = await admin.snapshot(args.run_id)
     key = admin.state_key(args.run_id).decode()
     if snapshot.state is None:
@@ -439,8 +475,6 @@ async def _close(args: argparse.Namespace, admin: Any, config: RendezvousConfig)
 
 
 async def _delete(args: argparse.Namespace, admin: Any, config: RendezvousConfig) -> int:
-    from .errors import RunNotFoundError
-
     deleted = await admin.delete_run(args.run_id)
     if not deleted:
         raise RunNotFoundError(f"Run {args.run_id!r} has no keys under {config.key_prefix!r}.")
@@ -496,8 +530,7 @@ def _serve(args: argparse.Namespace) -> int:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
-    previous = {signum: signal.signal(signum, on_signal)
-                for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.signal(signum, on_signal) for signum in _STOP_SIGNALS}
     server = EtcdServer(host=args.host)
     try:
         started = time.monotonic()
@@ -526,6 +559,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 # --- main -----------------------------------------------------------------------------------
 
+#: Commands that run until a signal; SIGINT or SIGTERM ends them with exit code 0.
+_UNTIL_SIGNAL = frozenset({"watch", "serve"})
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace, Any, RendezvousConfig], Awaitable[int]]] = {
     "status": _status,
     "list": _list,
@@ -537,30 +579,24 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Any, RendezvousConfig], Await
 
 
 def _exit_code(exc: BaseException) -> int:
-    from .errors import EtcdAuthError, EtcdConnectionError, RunNotFoundError, UnavailableError
-
-    if isinstance(exc, RunNotFoundError):
-        return EXIT_NOT_FOUND
-    if isinstance(exc, EtcdAuthError):
-        return EXIT_AUTH
-    if isinstance(exc, UnavailableError) or (
-            isinstance(exc, EtcdConnectionError) and "cannot connect" in str(exc)):
-        return EXIT_UNREACHABLE
-    return EXIT_ERROR
+    return next((code for kind, code in _EXIT_CODE_OF_ERROR if isinstance(exc, kind)),
+                EXIT_ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``etcd-rdzv`` command line; return the exit code."""
-    from .errors import EtcdRendezvousError
-
     parser = _build_parser()
     command = None
+    previous_sigterm = signal.getsignal(signal.SIGTERM)
     try:
         try:
             args = parser.parse_args(argv)
         except SystemExit as exc:  # --help and --version
             return exc.code if isinstance(exc.code, int) else EXIT_OK
         command = args.command
+        if command in _UNTIL_SIGNAL:
+            # Until the command installs its own handlers: SIGTERM as Ctrl-C.
+            signal.signal(signal.SIGTERM, _interrupt)
         if command == "serve":
             return _serve(args)
         body = _COMMANDS[command]
@@ -573,12 +609,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print(f"etcd-rdzv: {exc}", file=sys.stderr)
         return _exit_code(exc)
     except KeyboardInterrupt:
-        return EXIT_OK if command == "watch" else EXIT_INTERRUPTED
+        return EXIT_OK if command in _UNTIL_SIGNAL else EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader went away (`etcd-rdzv watch RUN | head`): stop quietly.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 if __name__ == "__main__":
