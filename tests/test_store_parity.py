@@ -1,7 +1,8 @@
 """One suite, two stores: every call against torch's ``TCPStore`` and our ``EtcdStore``.
 
 A test that passes for one and fails for the other is a difference in behaviour; the only
-deliberate ones are listed in docs/store.md and tested separately at the bottom.
+deliberate ones are listed in docs/store.md and tested separately at the bottom, with what
+only the etcd store has (runs that keep their keys apart).
 """
 
 from __future__ import annotations
@@ -9,44 +10,61 @@ from __future__ import annotations
 import datetime
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from torch._C._distributed_c10d import PrefixStore, TCPStore
-from torch.distributed import DistStoreError
+from torch.distributed import DistStoreError, PrefixStore, TCPStore  # type: ignore[attr-defined]
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 
-from etcd_rdzv.elastic import EtcdStore, create_backend
+from etcd_rdzv.elastic import EtcdRendezvousBackend, EtcdStore, create_backend
 from etcd_rdzv.testing import EtcdServer
 
 SHORT = datetime.timedelta(seconds=0.5)
+TIMEOUT = datetime.timedelta(seconds=5)
 #: torch's stubs lack append, multi_set and has_extended_api, which both stores have.
 AnyStore = Any
 
 
+@pytest.fixture
+def make_etcd_store(
+    etcd_server: EtcdServer, key_prefix: str
+) -> Iterator[Callable[[str], EtcdStore]]:
+    """Makes the store ``create_backend`` returns for a run; closes them all after the test."""
+    backends: list[EtcdRendezvousBackend] = []
+
+    def make(run_id: str) -> EtcdStore:
+        backend, store = create_backend(RendezvousParameters(
+            "etcd-v3", etcd_server.get_endpoint(), run_id, 1, 1, key_prefix=key_prefix))
+        assert isinstance(backend, EtcdRendezvousBackend) and isinstance(store, EtcdStore)
+        backends.append(backend)
+        store.set_timeout(TIMEOUT)
+        return store
+
+    yield make
+    for backend in backends:
+        backend.close()
+
+
+@pytest.fixture
+def etcd_store(make_etcd_store: Callable[[str], EtcdStore]) -> EtcdStore:
+    return make_etcd_store(f"run-{uuid.uuid4().hex[:6]}")
+
+
 @pytest.fixture(params=["tcp", "etcd"])
-def stores(
-    request: pytest.FixtureRequest, key_prefix: str
-) -> Iterator[tuple[AnyStore, AnyStore]]:
+def stores(request: pytest.FixtureRequest) -> tuple[AnyStore, AnyStore]:
     """The store under test and a second client of the same store (another "node")."""
-    timeout = datetime.timedelta(seconds=5)
     if request.param == "tcp":
         # Two clients: the master's own and the peer's.
-        main = TCPStore("127.0.0.1", 0, 2, True, timeout=timeout, wait_for_workers=False)
+        main = TCPStore("127.0.0.1", 0, 2, True, timeout=TIMEOUT, wait_for_workers=False)
         peer = TCPStore("127.0.0.1", main.port, 2, False,
                         timeout=datetime.timedelta(seconds=60))  # connecting on a busy machine
-        peer.set_timeout(timeout)
-        yield main, peer
-        return
-    server: EtcdServer = request.getfixturevalue("etcd_server")
-    params = RendezvousParameters("etcd-v3", server.get_endpoint(),
-                                  f"parity-{uuid.uuid4().hex[:6]}", 1, 1, key_prefix=key_prefix)
-    (backend, etcd_main), (peer_backend, etcd_peer) = create_backend(params), create_backend(params)
-    etcd_main.set_timeout(timeout)
-    yield etcd_main, etcd_peer
-    backend.close()
-    peer_backend.close()
+        peer.set_timeout(TIMEOUT)
+        return main, peer
+    make: Callable[[str], EtcdStore] = request.getfixturevalue("make_etcd_store")
+    run_id = f"parity-{uuid.uuid4().hex[:6]}"
+    return make(run_id), make(run_id)
 
 
 @pytest.fixture
@@ -67,11 +85,17 @@ def test_set_overwrites(store: AnyStore) -> None:
     assert store.get("k") == b"2"
 
 
-def test_get_blocks_until_another_client_sets(stores: tuple[AnyStore, AnyStore]) -> None:
+def test_get_and_wait_block_until_another_client_sets(stores: tuple[AnyStore, AnyStore]) -> None:
     store, peer = stores
+    peer.set("early", "1")
     timer = threading.Timer(0.3, peer.set, ("late", "v"))
     timer.start()
-    assert store.get("late") == b"v"
+    store.wait(["early", "late"])
+    assert store.check(["late"])  # wait returned once every key was set, not the first
+    timer.join()
+    timer = threading.Timer(0.3, peer.set, ("later", "v"))
+    timer.start()
+    assert store.get("later") == b"v"
     timer.join()
 
 
@@ -105,16 +129,9 @@ def test_add(store: AnyStore) -> None:
 
 
 def test_add_from_threads_is_atomic(store: AnyStore) -> None:
-    def bump() -> None:
-        for _ in range(5):
-            store.add("c", 1)
-
-    threads = [threading.Thread(target=bump) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert store.get("c") == b"40"
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda _: store.add("c", 1), range(160)))
+    assert store.get("c") == b"160"
 
 
 @pytest.mark.parametrize(
@@ -178,39 +195,39 @@ def test_prefix_store_over_it(store: AnyStore) -> None:
     assert store.get("torch.rendezvous.job.0/MASTER_PORT") == b"29500"
 
 
-# Deliberate differences, each documented.
+# Deliberate differences, each documented, and what only the etcd store has.
 
-def test_etcd_add_on_a_non_integer_raises_value_error(etcd_server: EtcdServer,
-                                                       key_prefix: str) -> None:
+def test_etcd_add_on_a_non_integer_raises_value_error_naming_the_key(
+    etcd_store: EtcdStore,
+) -> None:
     """TCPStore drops the client connection here (its server fails to parse the value)."""
-    backend, store = create_backend(RendezvousParameters(
-        "etcd-v3", etcd_server.get_endpoint(), "diff", 1, 1, key_prefix=key_prefix))
-    assert isinstance(store, EtcdStore)
-    store.set("word", "hello")
-    with pytest.raises(ValueError, match="not a decimal integer"):
-        store.add("word", 1)
-    assert store.get("word") == b"hello"
-    backend.close()
+    etcd_store.set("word", "hello")
+    with pytest.raises(ValueError, match=r"The store key 'word' holds b'hello', "
+                                         r"not a decimal integer"):
+        etcd_store.add("word", 1)
+    assert etcd_store.get("word") == b"hello"
 
 
-def test_etcd_timeout_names_the_missing_keys(etcd_server: EtcdServer, key_prefix: str) -> None:
-    backend, store = create_backend(RendezvousParameters(
-        "etcd-v3", etcd_server.get_endpoint(), "diff", 1, 1, key_prefix=key_prefix))
-    store.set_timeout(SHORT)
-    store.set("a", "1")
+def test_etcd_timeout_names_the_missing_keys(etcd_store: EtcdStore) -> None:
+    etcd_store.set_timeout(SHORT)
+    etcd_store.set("a", "1")
     with pytest.raises(DistStoreError, match=r"\['b', 'c'\]"):
-        store.multi_get(["a", "b", "c"])
-    backend.close()
+        etcd_store.multi_get(["a", "b", "c"])
+    with pytest.raises(DistStoreError, match=r"\['b'\]"):
+        etcd_store.get("b")
+    with pytest.raises(DistStoreError, match=r"\['c'\]"):
+        etcd_store.wait(["a", "c"], SHORT)
 
 
-def test_etcd_multi_set_splits_at_etcds_txn_limit(etcd_server: EtcdServer,
-                                                   key_prefix: str) -> None:
-    backend, store = create_backend(RendezvousParameters(
-        "etcd-v3", etcd_server.get_endpoint(), "diff", 1, 1, key_prefix=key_prefix))
-    assert isinstance(store, EtcdStore)
+def test_etcd_multi_set_splits_at_etcds_txn_limit(etcd_store: EtcdStore) -> None:
     keys = [f"k{i}" for i in range(300)]
-    store.multi_set(keys, [str(i) for i in range(300)])
-    assert store.multi_get(keys) == [str(i).encode() for i in range(300)]
-    assert store.num_keys() == 300
-    assert store.list_keys() == sorted(keys)
-    backend.close()
+    etcd_store.multi_set(keys, [str(i) for i in range(300)])
+    assert etcd_store.multi_get(keys) == [str(i).encode() for i in range(300)]
+    assert etcd_store.num_keys() == 300  # this run's keys only: it started at none
+    assert etcd_store.list_keys() == sorted(keys)
+
+
+def test_etcd_runs_do_not_share_keys(make_etcd_store: Callable[[str], EtcdStore]) -> None:
+    first, second = make_etcd_store("job-a"), make_etcd_store("job-b")
+    first.set("MASTER_PORT", "1")
+    assert not second.check(["MASTER_PORT"])
