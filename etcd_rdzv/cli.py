@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import ipaddress
 import json
 import os
 import re
 import signal
+import socket
 import sys
 import textwrap
 import threading
@@ -28,7 +30,7 @@ from types import FrameType
 from typing import IO, Any
 
 from . import __version__
-from .config import DEFAULT_KEY_PREFIX, DEFAULT_TTL, RendezvousConfig
+from .config import DEFAULT_KEY_PREFIX, DEFAULT_PORT, DEFAULT_TTL, RendezvousConfig
 from .errors import (
     EtcdAuthError,
     EtcdRendezvousError,
@@ -75,6 +77,7 @@ ENDPOINTS_ENV_VAR = "ETCD_RDZV_ENDPOINTS"
 #: The CLI's default ``--timeout``: shorter than the backend's 60 s, for a person waiting.
 DEFAULT_CLI_TIMEOUT = 10
 DEFAULT_OLDER_THAN = "1h"
+DEFAULT_SERVE_HOST = "127.0.0.1"
 #: Each backend option and the flag that sets it, to name the flag in error messages.
 _FLAG_OF_OPTION = {
     "endpoint": "--endpoints",
@@ -104,7 +107,7 @@ class _UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:
-        raise _UsageError(f"{self.prog}: {message}\n(see {self.prog} --help)")
+        raise _UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 # --- durations and sizes --------------------------------------------------------------------
@@ -134,6 +137,13 @@ def _duration_arg(text: str) -> float:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _port_arg(text: str) -> int:
+    if not text.strip().isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: give a TCP port from 1 to "
+                                         "65535, or 0 for any free port")
+    return int(text)
 
 
 def _human_seconds(seconds: float) -> str:
@@ -238,10 +248,19 @@ def _build_parser() -> _Parser:
     serve = command("serve", "run a local development etcd until Ctrl-C",
                     "Start one etcd member on loopback with temporary data (etcd_rdzv.testing."
                     "EtcdServer), print its endpoint, and serve until Ctrl-C or SIGTERM; then "
-                    "stop etcd and remove its data. For development and demos, not production.",
+                    "stop etcd and remove its data. No authentication, no TLS: for development "
+                    "and demos, not production.",
                     with_connection=False)
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="the loopback address to listen on (default 127.0.0.1)")
+    serve.add_argument("--host", default=DEFAULT_SERVE_HOST, metavar="ADDRESS",
+                       help=f"the IP address to listen on (default {DEFAULT_SERVE_HOST}); one "
+                            "that is not loopback needs --expose")
+    serve.add_argument("--port", type=_port_arg, default=None, metavar="PORT",
+                       help=f"the client port (default {DEFAULT_PORT}, or a free port when "
+                            f"{DEFAULT_PORT} is taken; 0: any free port)")
+    serve.add_argument("--expose", action="store_true",
+                       help="allow a --host that is not loopback: whoever reaches it can read, "
+                            "change and delete every key, as there is no authentication and "
+                            "no TLS")
 
     status = command("status", "show a run's state",
                      "Show a run's rendezvous state: round, whether it is complete or closed, "
@@ -521,25 +540,75 @@ async def _cleanup(args: argparse.Namespace, admin: Any, config: RendezvousConfi
 
 # --- serve ----------------------------------------------------------------------------------
 
+def _serve_host(args: argparse.Namespace) -> str:
+    """``--host``, checked: an IP address of this machine; loopback unless ``--expose``."""
+    try:
+        address = ipaddress.ip_address(args.host)
+    except ValueError:
+        raise _UsageError(f"etcd-rdzv serve: --host {args.host!r} is not an IP address (etcd "
+                          f"listens on addresses, not names); give one such as "
+                          f"{DEFAULT_SERVE_HOST} or ::1") from None
+    try:
+        with socket.socket(socket.AF_INET6 if address.version == 6 else socket.AF_INET) as sock:
+            sock.bind((str(address), 0))
+    except OSError as exc:
+        raise _UsageError(f"etcd-rdzv serve: --host {args.host} is not an address of this "
+                          f"machine ({exc.strerror}); leave --host out for "
+                          f"{DEFAULT_SERVE_HOST}") from None
+    if not address.is_loopback and not args.expose:
+        where = "every network of this machine" if address.is_unspecified else \
+            f"the network of {address}"
+        raise _UsageError(f"etcd-rdzv serve: --host {args.host} would serve etcd to {where}, "
+                          "with no authentication and no TLS; add --expose to do that anyway, "
+                          f"or leave --host out for {DEFAULT_SERVE_HOST}")
+    return str(address)
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    # SO_REUSEADDR as etcd's own listener sets it: a port in TIME_WAIT is free to etcd.
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .errors import EtcdStartError
     from .testing import EtcdServer
 
+    host = _serve_host(args)
+    port = args.port
+    if port is None:
+        port = DEFAULT_PORT if _port_is_free(host, DEFAULT_PORT) else 0
+        if not port:
+            _print(f"etcd-rdzv: port {DEFAULT_PORT} is taken on {host} (another etcd?); "
+                   "serving on a free port instead (--port chooses one).", file=sys.stderr)
+    elif port and not _port_is_free(host, port):
+        _print(f"etcd-rdzv: --port {port} is taken on {host}: stop what listens there, or "
+               "give another --port (0: any free port).", file=sys.stderr)
+        return EXIT_ERROR
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
     previous = {signum: signal.signal(signum, on_signal) for signum in _STOP_SIGNALS}
-    server = EtcdServer(host=args.host)
+    server = EtcdServer(host=host, client_port=port)
     try:
         started = time.monotonic()
         try:
             server.start()
-        except EtcdStartError as exc:
+        except (EtcdStartError, OSError) as exc:
             _print(f"etcd-rdzv: etcd did not start: {exc}", file=sys.stderr)
             return EXIT_ERROR
         endpoint = server.get_endpoint()
+        if args.expose and not ipaddress.ip_address(host).is_loopback:
+            _print(f"etcd-rdzv: WARNING: etcd serves {endpoint} without authentication and "
+                   f"without TLS: whoever reaches port {server.get_port()} of this machine can "
+                   "read, change and delete every key.", file=sys.stderr)
         _print(f"etcd is serving on {endpoint} (started in {time.monotonic() - started:.1f} s, "
                f"data in {server.data_dir}, removed on exit). Ctrl-C stops it.")
         _print(f"export {ENDPOINTS_ENV_VAR}={endpoint}")
