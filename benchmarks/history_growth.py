@@ -33,7 +33,7 @@ async def grow(endpoint: str, nodes: int, writes: int, compact_interval: float) 
     async with EtcdClient(config) as client:
         backend = AsyncEtcdRendezvousBackend(client, f"growth-{nodes}-{compact_interval:g}",
                                              compact_interval=compact_interval)
-        before = await client.db_size(Deadline.after(10))
+        before = (await client.status(Deadline.after(10))).db_size
         result = await backend.set_state(state)
         assert result is not None
         token = result[1]
@@ -41,14 +41,14 @@ async def grow(endpoint: str, nodes: int, writes: int, compact_interval: float) 
         halfway = before
         for index in range(writes):
             if index == writes // 2:
-                halfway = await client.db_size(Deadline.after(10))
+                halfway = (await client.status(Deadline.after(10))).db_size
             # Each heartbeat changes one timestamp; the pickle keeps its size.
             result = await backend.set_state(state[:-8] + index.to_bytes(8, "big"), token)
             assert result is not None and result[2]
             token = result[1]
         elapsed = time.monotonic() - started
         await asyncio.sleep(1.5)  # let a background compaction land
-        after = await client.db_size(Deadline.after(10))
+        after = (await client.status(Deadline.after(10))).db_size
     growth = after - before
     late_growth = after - halfway
     rate = nodes / KEEP_ALIVE_INTERVAL  # full-state writes a second under torch's heartbeats

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import os
 import random
 import socket
@@ -45,7 +46,7 @@ from .errors import (
     UnavailableError,
 )
 
-__all__ = ["EtcdClient", "KeyChange", "WatchEvent"]
+__all__ = ["EtcdClient", "KeyChange", "LeaseStatus", "MemberStatus", "WatchEvent"]
 
 log = logging.getLogger(__name__)
 
@@ -169,46 +170,79 @@ def _map_grpc_error(exc: grpc.aio.AioRpcError, what: str, config: EtcdConfig,
                                f"{details}")
 
 
-class _AetcdClient(aetcd.Client):  # type: ignore[misc]
-    """aetcd's client with our channel: TLS, several endpoints, capped reconnect backoff."""
+#: The unary RPCs this module sends, each named by the stub method that serves it.
+_RANGE = operator.attrgetter("kv.Range")
+_TXN = operator.attrgetter("kv.Txn")
+_PUT = operator.attrgetter("kv.Put")
+_DELETE = operator.attrgetter("kv.DeleteRange")
+_COMPACT = operator.attrgetter("kv.Compact")
+_GRANT = operator.attrgetter("lease.LeaseGrant")
+_REVOKE = operator.attrgetter("lease.LeaseRevoke")
+_TIME_TO_LIVE = operator.attrgetter("lease.LeaseTimeToLive")
+_STATUS = operator.attrgetter("maintenance.Status")
 
-    def __init__(self, config: EtcdConfig, target: str, extra_options: dict[str, Any]) -> None:
-        super().__init__(
-            username=config.username,
-            password=config.password,
-            timeout=config.request_timeout,
-            options={**dict(_CHANNEL_OPTIONS), **extra_options},
-        )
-        self._config = config
-        self._target = target
 
-    async def connect(self) -> None:
-        if self._connected.is_set():
-            return
-        config = self._config
+def _show(key: bytes) -> str:
+    """A key as messages quote it."""
+    return repr(key.decode(errors="replace"))
+
+
+@dataclass(frozen=True)
+class LeaseStatus:
+    """A lease as etcd reports it."""
+
+    ttl: int
+    """Seconds left; -1 when the lease has expired or never existed."""
+    granted_ttl: int
+    """The TTL it was granted with (0 when it is gone)."""
+
+
+@dataclass(frozen=True)
+class MemberStatus:
+    """What :meth:`EtcdClient.status` reports of the member it asked."""
+
+    db_size: int
+    """The backend database's size on disk, in bytes (what etcd's quota counts)."""
+    db_size_in_use: int
+    """The part of it in use; the rest is reclaimed by a defragmentation."""
+    is_leader: bool
+    """Whether this member is the cluster's leader."""
+
+
+@dataclass(frozen=True)
+class _Session:
+    """One open channel to etcd with the stubs this module calls and the auth token."""
+
+    channel: grpc.aio.Channel
+    metadata: tuple[tuple[str, str], ...] | None
+    kv: rpc.KVStub
+    lease: rpc.LeaseStub
+    maintenance: rpc.MaintenanceStub
+
+    @classmethod
+    async def open(cls, config: EtcdConfig, target: str, extra_options: dict[str, Any]) -> _Session:
+        """Open the channel (TLS, several endpoints, capped backoff) and log in if asked."""
+        options = list({**dict(_CHANNEL_OPTIONS), **extra_options}.items())
         if config.uses_tls:
-            self.channel = grpc.aio.secure_channel(
-                self._target, _tls_credentials(config), options=list(self._options.items())
-            )
+            channel = grpc.aio.secure_channel(target, _tls_credentials(config), options=options)
         else:
-            self.channel = grpc.aio.insecure_channel(
-                self._target, options=list(self._options.items())
-            )
+            channel = grpc.aio.insecure_channel(target, options=options)
+        metadata = None
         if config.username is not None:
-            self.auth_stub = rpc.AuthStub(self.channel)
-            response = await self.auth_stub.Authenticate(
-                rpc.AuthenticateRequest(name=config.username, password=config.password),
-                timeout=config.request_timeout,
-            )
-            self.metadata = (("token", response.token),)
-        self.kvstub = rpc.KVStub(self.channel)
-        self.leasestub = rpc.LeaseStub(self.channel)
-        self.clusterstub = rpc.ClusterStub(self.channel)
-        self.maintenancestub = rpc.MaintenanceStub(self.channel)
-        self._watcher = aetcd.watcher.Watcher(
-            rpc.WatchStub(self.channel), timeout=config.request_timeout, metadata=self.metadata
-        )
-        self._connected.set()
+            try:
+                response = await rpc.AuthStub(channel).Authenticate(
+                    rpc.AuthenticateRequest(name=config.username, password=config.password),
+                    timeout=config.request_timeout,
+                )
+            except BaseException:
+                await channel.close(None)
+                raise
+            metadata = (("token", response.token),)
+        return cls(channel, metadata, rpc.KVStub(channel), rpc.LeaseStub(channel),
+                   rpc.MaintenanceStub(channel))
+
+    async def close(self) -> None:
+        await self.channel.close(None)
 
 
 def _tls_credentials(config: EtcdConfig) -> grpc.ChannelCredentials:
@@ -284,7 +318,7 @@ class EtcdClient:
 
     def __init__(self, config: EtcdConfig) -> None:
         self._config = config
-        self._client: _AetcdClient | None = None
+        self._client: _Session | None = None
         self._pid = os.getpid()
         self._connect_lock: asyncio.Lock | None = None
         #: Whether etcd has answered this client yet; see _map_grpc_error.
@@ -308,7 +342,7 @@ class EtcdClient:
         if client is not None and self._pid == os.getpid():
             await client.close()
 
-    async def _connected(self) -> _AetcdClient:
+    async def _connected(self) -> _Session:
         global _grpc_process
         if self._pid != os.getpid():
             # A forked child: the parent's channel and loop are not ours to use or close.
@@ -333,22 +367,20 @@ class EtcdClient:
                 shift = self._rotation % len(self._config.endpoints)
                 endpoints = self._config.endpoints[shift:] + self._config.endpoints[:shift]
                 target, options = await _resolve_target(endpoints)
-                client = _AetcdClient(self._config, target, options)
-                await client.connect()
-                self._client = client
+                self._client = await _Session.open(self._config, target, options)
             return self._client
 
-    async def _reconnect(self, stale: _AetcdClient) -> None:
+    async def _reconnect(self, stale: _Session) -> None:
         if self._client is stale:
             self._client = None
             await stale.close()
 
     async def _attempt(
-        self, what: str, call: Callable[[_AetcdClient, float], Awaitable[T]], deadline: Deadline
+        self, what: str, call: Callable[[_Session, float], Awaitable[T]], deadline: Deadline
     ) -> T:
         """One RPC attempt with its deadline; once more after a re-login."""
         for relogin in (False, True):
-            client: _AetcdClient | None = None
+            client: _Session | None = None
             try:
                 client = await self._connected()
                 result = await call(client, deadline.attempt_timeout(self._config.request_timeout))
@@ -371,7 +403,7 @@ class EtcdClient:
         raise AssertionError("unreachable")
 
     async def _retrying(
-        self, what: str, call: Callable[[_AetcdClient, float], Awaitable[T]], deadline: Deadline
+        self, what: str, call: Callable[[_Session, float], Awaitable[T]], deadline: Deadline
     ) -> T:
         """Attempts of an idempotent call until one succeeds or the deadline passes."""
         backoff = _RETRY_BACKOFF_INITIAL
@@ -387,26 +419,33 @@ class EtcdClient:
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
                 backoff = min(backoff * 2, _RETRY_BACKOFF_MAX)
 
+    async def _unary(self, what: str, method: Callable[[_Session], Any], request: Any,
+                     deadline: Deadline, *, idempotent: bool) -> Any:
+        """One unary RPC under this module's policy: ``request`` sent to ``method`` of the
+        session's stubs, each attempt bounded by ``request_timeout`` and ``deadline``.
+
+        ``idempotent`` calls are retried on transient errors until ``deadline``; the others
+        get one attempt (plus one after a re-login, which etcd rejected before applying).
+        """
+        async def call(session: _Session, timeout: float) -> Any:
+            return await method(session)(request, timeout=timeout, metadata=session.metadata)
+
+        if idempotent:
+            return await self._retrying(what, call, deadline)
+        return await self._attempt(what, call, deadline)
+
     async def get(self, key: bytes, deadline: Deadline) -> rpc.RangeResponse:
         """A linearizable read of one key, retried within ``deadline``."""
-        request = rpc.RangeRequest(key=key)
-
-        async def call(client: _AetcdClient, timeout: float) -> rpc.RangeResponse:
-            return await client.kvstub.Range(request, timeout=timeout, metadata=client.metadata)
-
-        return await self._retrying(f"Reading {key.decode(errors='replace')!r}", call, deadline)
+        return await self._unary(f"Reading {_show(key)}", _RANGE, rpc.RangeRequest(key=key),
+                                 deadline, idempotent=True)
 
     async def get_prefix(self, prefix: bytes, deadline: Deadline, *, count_only: bool = False,
                          keys_only: bool = False) -> rpc.RangeResponse:
         """A linearizable read of every key under ``prefix``, retried within ``deadline``."""
         request = rpc.RangeRequest(key=prefix, range_end=aetcd.utils.prefix_range_end(prefix),
                                    count_only=count_only, keys_only=keys_only)
-
-        async def call(client: _AetcdClient, timeout: float) -> rpc.RangeResponse:
-            return await client.kvstub.Range(request, timeout=timeout, metadata=client.metadata)
-
-        return await self._retrying(f"Reading prefix {prefix.decode(errors='replace')!r}",
-                                    call, deadline)
+        return await self._unary(f"Reading prefix {_show(prefix)}", _RANGE, request, deadline,
+                                 idempotent=True)
 
     async def txn_once(self, request: rpc.TxnRequest, deadline: Deadline,
                        what: str) -> rpc.TxnResponse:
@@ -415,112 +454,81 @@ class EtcdClient:
         Raises:
             UnavailableError: the outcome is unknown; resolve it by reading, never by resending.
         """
-        async def call(client: _AetcdClient, timeout: float) -> rpc.TxnResponse:
-            return await client.kvstub.Txn(request, timeout=timeout, metadata=client.metadata)
-
-        return await self._attempt(what, call, deadline)
+        return await self._unary(what, _TXN, request, deadline, idempotent=False)
 
     async def txn_idempotent(self, request: rpc.TxnRequest, deadline: Deadline,
                              what: str) -> rpc.TxnResponse:
-        """A transaction that is safe to apply twice (a compare guards it), retried."""
-        async def call(client: _AetcdClient, timeout: float) -> rpc.TxnResponse:
-            return await client.kvstub.Txn(request, timeout=timeout, metadata=client.metadata)
-
-        return await self._retrying(what, call, deadline)
+        """A transaction that is safe to apply twice (reads, or writes a compare guards)."""
+        return await self._unary(what, _TXN, request, deadline, idempotent=True)
 
     async def put(self, key: bytes, value: bytes, lease_id: int, deadline: Deadline) -> int:
         """Write ``key`` (last writer wins) and return the new revision; retried.
 
         A resend after a lost answer writes the same value again, which is harmless for a
-        last-writer-wins key. Not for compare-and-swap: see :meth:`txn_once`.
+        last-writer-wins key. Not for compare-and-swap: see :mod:`etcd_rdzv.cas`.
         """
-        request = rpc.PutRequest(key=key, value=value, lease=lease_id)
-
-        async def call(client: _AetcdClient, timeout: float) -> int:
-            response = await client.kvstub.Put(request, timeout=timeout, metadata=client.metadata)
-            return int(response.header.revision)
-
-        return await self._retrying(f"Writing {key.decode(errors='replace')!r}", call, deadline)
+        response = await self._unary(f"Writing {_show(key)}", _PUT,
+                                     rpc.PutRequest(key=key, value=value, lease=lease_id),
+                                     deadline, idempotent=True)
+        return int(response.header.revision)
 
     async def delete(self, key: bytes, deadline: Deadline, *, prefix: bool = False) -> int:
         """Delete ``key`` (or every key under it) and return how many keys went; retried."""
         request = rpc.DeleteRangeRequest(
             key=key, range_end=aetcd.utils.prefix_range_end(key) if prefix else b"")
-
-        async def call(client: _AetcdClient, timeout: float) -> int:
-            response = await client.kvstub.DeleteRange(
-                request, timeout=timeout, metadata=client.metadata
-            )
-            return int(response.deleted)
-
-        return await self._retrying(f"Deleting {key.decode(errors='replace')!r}", call, deadline)
+        response = await self._unary(f"Deleting {_show(key)}", _DELETE, request, deadline,
+                                     idempotent=True)
+        return int(response.deleted)
 
     async def grant_lease(self, ttl: int, deadline: Deadline) -> int:
         """Grant a lease of ``ttl`` seconds and return its id.
 
         Retried: a grant whose answer was lost leaves an unused lease that expires by itself.
         """
-        request = rpc.LeaseGrantRequest(TTL=ttl)
+        response = await self._unary("Granting a lease", _GRANT, rpc.LeaseGrantRequest(TTL=ttl),
+                                     deadline, idempotent=True)
+        return int(response.ID)
 
-        async def call(client: _AetcdClient, timeout: float) -> int:
-            response = await client.leasestub.LeaseGrant(
-                request, timeout=timeout, metadata=client.metadata
-            )
-            return int(response.ID)
+    async def revoke_lease(self, lease_id: int, deadline: Deadline) -> bool:
+        """Revoke a lease, deleting its keys at once; False when etcd no longer had it.
 
-        return await self._retrying("Granting a lease", call, deadline)
+        Retried: revoking twice is revoking once.
+        """
+        try:
+            await self._unary("Revoking a lease", _REVOKE, rpc.LeaseRevokeRequest(ID=lease_id),
+                              deadline, idempotent=True)
+        except LeaseNotFoundError:
+            return False
+        return True
+
+    async def lease_status(self, lease_id: int, deadline: Deadline) -> LeaseStatus:
+        """How long a lease has left, and how long it was granted for; retried."""
+        response = await self._unary("Reading a lease", _TIME_TO_LIVE,
+                                     rpc.LeaseTimeToLiveRequest(ID=lease_id), deadline,
+                                     idempotent=True)
+        return LeaseStatus(int(response.TTL), int(response.grantedTTL))
 
     async def compact(self, revision: int, deadline: Deadline) -> bool:
         """Compact etcd's history up to ``revision`` (the whole keyspace, not one prefix).
 
         Returns False when that revision was already compacted (by anyone); retried.
         """
-        request = rpc.CompactionRequest(revision=revision, physical=False)
+        try:
+            await self._unary(f"Compacting to revision {revision}", _COMPACT,
+                              rpc.CompactionRequest(revision=revision, physical=False),
+                              deadline, idempotent=True)
+        except EtcdConnectionError as exc:
+            if "required revision has been compacted" in str(exc):
+                return False
+            raise
+        return True
 
-        async def call(client: _AetcdClient, timeout: float) -> bool:
-            try:
-                await client.kvstub.Compact(request, timeout=timeout, metadata=client.metadata)
-            except grpc.aio.AioRpcError as exc:
-                if "required revision has been compacted" in (exc.details() or ""):
-                    return False
-                raise
-            return True
-
-        return await self._retrying(f"Compacting to revision {revision}", call, deadline)
-
-    async def db_size(self, deadline: Deadline) -> int:
-        """The backend database size, in bytes, of the member this client talks to."""
-        async def call(client: _AetcdClient, timeout: float) -> int:
-            response = await client.maintenancestub.Status(
-                rpc.StatusRequest(), timeout=timeout, metadata=client.metadata
-            )
-            return int(response.dbSize)
-
-        return await self._retrying("Reading etcd's status", call, deadline)
-
-    async def lease_time_to_live(self, lease_id: int, deadline: Deadline) -> int:
-        """The seconds left on a lease; -1 when it has expired or does not exist."""
-        request = rpc.LeaseTimeToLiveRequest(ID=lease_id)
-
-        async def call(client: _AetcdClient, timeout: float) -> int:
-            response = await client.leasestub.LeaseTimeToLive(
-                request, timeout=timeout, metadata=client.metadata
-            )
-            return int(response.TTL)
-
-        return await self._retrying("Reading a lease", call, deadline)
-
-    async def lease_status(self, lease_id: int, deadline: Deadline) -> tuple[int, int]:
-        """``(seconds left, seconds granted)`` of a lease; ``(-1, 0)`` when it is gone."""
-        request = rpc.LeaseTimeToLiveRequest(ID=lease_id)
-
-        async def call(client: _AetcdClient, timeout: float) -> tuple[int, int]:
-            response = await client.leasestub.LeaseTimeToLive(
-                request, timeout=timeout, metadata=client.metadata
-            )
-            return int(response.TTL), int(response.grantedTTL)
-
-        return await self._retrying("Reading a lease", call, deadline)
+    async def status(self, deadline: Deadline) -> MemberStatus:
+        """The status of the member this client talks to (database size, leader)."""
+        response = await self._unary("Reading etcd's status", _STATUS, rpc.StatusRequest(),
+                                     deadline, idempotent=True)
+        return MemberStatus(int(response.dbSize), int(response.dbSizeInUse),
+                            int(response.leader) == int(response.header.member_id))
 
     async def watch(self, key: bytes, start_revision: int,
                     deadline: Deadline) -> AsyncGenerator[WatchEvent, None]:
@@ -542,7 +550,7 @@ class EtcdClient:
         create = rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
             key=key, start_revision=start_revision))
 
-        async def open_stream(client: _AetcdClient, timeout: float) -> Any:
+        async def open_stream(client: _Session, timeout: float) -> Any:
             stream = rpc.WatchStub(client.channel).Watch(metadata=client.metadata)
             try:
                 await stream.write(create)

@@ -255,8 +255,8 @@ class RendezvousAdmin:
 
         async def one(lease_id: int) -> tuple[int, tuple[int, int, float]]:
             async with semaphore:
-                left, granted = await self._client.lease_status(lease_id, deadline)
-                return lease_id, (left, granted, time.monotonic())
+                lease = await self._client.lease_status(lease_id, deadline)
+                return lease_id, (lease.ttl, lease.granted_ttl, time.monotonic())
 
         results = await asyncio.gather(*(one(lease_id) for lease_id in lease_ids))
         return {lease_id: info for lease_id, info in results if info[0] >= 0 and info[1] > 0}

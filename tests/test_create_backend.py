@@ -39,7 +39,7 @@ def raw_kv(endpoint: str, key: bytes) -> Any:
         async with EtcdClient(EtcdConfig(endpoints=parse_endpoints(endpoint))) as client:
             response = await client.get(key, Deadline.after(5))
             kv = response.kvs[0] if response.kvs else None
-            ttl = await client.lease_time_to_live(kv.lease, Deadline.after(5)) if kv else None
+            ttl = (await client.lease_status(kv.lease, Deadline.after(5))).ttl if kv else None
             return kv, ttl
 
     return asyncio.run(read())

@@ -4,18 +4,18 @@ watches that fall back to a read when their start revision is gone."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
 import uuid
 
-import grpc
 import pytest
-from aetcd import rpc
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 
 from etcd_rdzv import (
     AsyncEtcdRendezvousBackend,
+    CompactedError,
     Deadline,
     EtcdClient,
     EtcdConfig,
@@ -28,12 +28,13 @@ from etcd_rdzv.testing import EtcdCluster, EtcdServer
 
 async def compacted_revision_of(client: EtcdClient, key: bytes) -> bool:
     """Whether reading ``key`` at revision 1 is refused as compacted."""
-    raw = await client._connected()
     try:
-        await raw.kvstub.Range(rpc.RangeRequest(key=key, revision=1), timeout=5,
-                               metadata=raw.metadata)
-    except grpc.aio.AioRpcError as exc:
-        return "compacted" in (exc.details() or "")
+        async with contextlib.aclosing(client.watch(key, 1, Deadline.after(5))) as events:
+            await asyncio.wait_for(anext(events), 0.5)
+    except CompactedError:
+        return True
+    except asyncio.TimeoutError:
+        pass
     return False
 
 

@@ -129,7 +129,7 @@ async def test_lease_ttl_is_between_ttl_and_ttl_plus_window(
     backend = AsyncEtcdRendezvousBackend(etcd_client, "run", key_prefix=key_prefix, ttl=600)
     await backend.set_state(b"x")
     response = await etcd_client.get(backend.key, Deadline.after(5))
-    ttl = await etcd_client.lease_time_to_live(response.kvs[0].lease, Deadline.after(5))
+    ttl = (await etcd_client.lease_status(response.kvs[0].lease, Deadline.after(5))).ttl
     assert 600 - 2 <= ttl <= 600 + lease_window(600)
 
 
@@ -166,17 +166,10 @@ async def test_a_revoked_lease_is_replaced_transparently(
     await backend.set_state(b"x")
     response = await etcd_client.get(backend.key, Deadline.after(5))
     old_lease = int(response.kvs[0].lease)
-    await revoke(etcd_client, old_lease)  # the key goes with it
+    assert await etcd_client.revoke_lease(old_lease, Deadline.after(5))  # the key goes too
     assert await backend.get_state() is None
     result = await backend.set_state(b"y")
     assert result is not None and result[2]
     response = await etcd_client.get(backend.key, Deadline.after(5))
     assert int(response.kvs[0].lease) not in (0, old_lease)
 
-
-async def revoke(client: EtcdClient, lease_id: int) -> None:
-    from aetcd import rpc
-
-    raw = await client._connected()
-    await raw.leasestub.LeaseRevoke(rpc.LeaseRevokeRequest(ID=lease_id), timeout=5,
-                                    metadata=raw.metadata)

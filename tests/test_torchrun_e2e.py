@@ -114,7 +114,7 @@ def _read_prefix(config: EtcdConfig, prefix: str) -> tuple[list[_Key], int]:
 def _lease_seconds_left(config: EtcdConfig, lease: int) -> int:
     async def read() -> int:
         async with EtcdClient(config) as client:
-            return await client.lease_time_to_live(lease, Deadline.after(10.0))
+            return (await client.lease_status(lease, Deadline.after(10.0))).ttl
 
     return asyncio.run(read())
 
