@@ -391,7 +391,8 @@ def measure(servers: BenchServers, *, calls: int, rounds: int, warmup: int,
         cls = {GET: SyncGet, SET: SyncSet, STALE: SyncSetStale}[variant]
         floor = {GET: RAW_GET, SET: RAW_TXN, STALE: RAW_STALE}[variant]
         key = f"{run_tag}-shim-{variant.replace(' ', '-').replace('_', '-')}"
-        shims.append(EtcdRendezvousBackend(shim_client, key, key_prefix=KEY_PREFIX))
+        shims.append(EtcdRendezvousBackend(
+            AsyncEtcdRendezvousBackend(shim_client, key, key_prefix=KEY_PREFIX)))
         return cls("etcd-v3 shim", f"shim {variant}", floor, shims[-1], state)
 
     def torch_variants(kind: str) -> list[Variant]:

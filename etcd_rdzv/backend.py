@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import re
 import time
 from typing import Any, Final
 
-from aetcd import rpc
-
 from ._connection import EtcdClient
 from ._lease import AmortizedLease
+from .cas import Expect, compare_and_swap
 from .codec import StateCodec
-from .config import (
-    DEFAULT_KEY_PREFIX,
-    DEFAULT_TTL,
-    validate_compact_interval,
-    validate_conflict_backoff,
-    validate_run_id,
-)
+from .config import DEFAULT_KEY_PREFIX, DEFAULT_TTL, RendezvousConfig
 from .deadline import Deadline
-from .errors import CompactedError, EtcdConnectionError, UnavailableError
+from .errors import EtcdConnectionError
 from .keys import RunKeys
 from .state import decode_state
 
@@ -46,7 +38,6 @@ class _Stale:
 
 
 _STALE: Final = _Stale()
-_RETRY: Final = object()
 
 
 def _expected_revision(token: Any) -> int | _Stale | None:
@@ -101,20 +92,31 @@ class AsyncEtcdRendezvousBackend:
         compact_interval: float = 0.0,
         verify_state: bool = False,
     ) -> None:
-        validate_run_id(run_id)
-        if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
-            raise ValueError(f"The option ttl must be a positive integer of seconds, got "
-                             f"ttl={ttl!r}.")
+        config = RendezvousConfig(
+            etcd=client.config, run_id=run_id, key_prefix=key_prefix, ttl=ttl,
+            conflict_backoff=conflict_backoff, compact_interval=compact_interval,
+            verify_state=verify_state,
+        )
+        self._setup(client, config, codec)
+
+    @classmethod
+    def from_config(cls, client: EtcdClient,
+                    config: RendezvousConfig) -> AsyncEtcdRendezvousBackend:
+        """The backend for options parsed already (what the torch plug-in uses); the codec
+        follows ``config.compress_threshold`` and ``config.max_request_bytes``."""
+        backend = cls.__new__(cls)
+        backend._setup(client, config, None)
+        return backend
+
+    def _setup(self, client: EtcdClient, config: RendezvousConfig,
+               codec: StateCodec | None) -> None:
         self._client = client
-        self._run_id = run_id
-        self._key = RunKeys(run_id, key_prefix).state
-        self._codec = codec or StateCodec()
-        self._lease = AmortizedLease(client, ttl)
-        self._conflict_backoff = validate_conflict_backoff(conflict_backoff)
-        self._compact_interval = validate_compact_interval(compact_interval)
+        self._config = config
+        self._key = RunKeys(config.run_id, config.key_prefix).state
+        self._codec = codec or StateCodec(config.compress_threshold, config.max_request_bytes)
+        self._lease = AmortizedLease(client, config.ttl)
         self._last_compaction = time.monotonic()
         self._compaction: asyncio.Task[bool] | None = None
-        self._verify_state = bool(verify_state)
 
     @property
     def key(self) -> bytes:
@@ -154,7 +156,7 @@ class AsyncEtcdRendezvousBackend:
     def _decode(self, value: bytes) -> bytes:
         """The state stored as ``value``; with ``verify_state``, checked before it is returned."""
         state = self._codec.decode(value, key=self._key)
-        if self._verify_state:
+        if self._config.verify_state:
             decode_state(state, key=self._key)
         return state
 
@@ -172,10 +174,8 @@ class AsyncEtcdRendezvousBackend:
 
         Costs one ``Txn`` (compare ``mod_revision`` → ``Put``, else ``Range``): on conflict the
         current state and token come from the same round trip. A Txn that fails ambiguously
-        (timeout, member lost) is never resent blindly: the key is read, and if it holds
-        exactly the bytes written (each write carries a random tag) the write succeeded;
-        if it still holds the expected revision the Txn is sent again, guarded by the same
-        compare; otherwise the write lost to another one. All within ``read_timeout``.
+        (timeout, member lost) is resolved by :func:`~etcd_rdzv.cas.compare_and_swap`'s rules,
+        exactly, since each stored value carries a random tag; all within ``read_timeout``.
 
         Raises:
             TypeError: ``state`` is not bytes.
@@ -189,41 +189,28 @@ class AsyncEtcdRendezvousBackend:
         if isinstance(expected, _Stale):
             current = await self._read(deadline)
             return None if current is None else (*current, False)
-        while True:
-            if deadline.expired:
-                raise EtcdConnectionError(
-                    f"Writing the rendezvous state {self._key.decode()!r} did not complete within "
-                    f"{deadline.seconds:g} s (read_timeout) at {self._client.config.targets}; "
-                    "the last read showed it not applied."
-                )
-            try:
-                response = await self._lease.write(
-                    lambda lease_id: self._client.txn_once(
-                        self._cas_request(value, expected, lease_id), deadline,
-                        f"Writing the rendezvous state {self._key.decode()!r}",
-                    ),
-                    deadline,
-                )
-            except UnavailableError as exc:
-                log.info("set_state outcome unknown (%s); reading to resolve it", exc)
-                outcome = await self._resolve_ambiguous(state, value, expected, deadline)
-                if outcome is _RETRY:
-                    continue
-                return outcome  # type: ignore[return-value]
-            if response.succeeded:
-                self._maybe_compact(int(response.header.revision))
-                return bytes(state), int(response.header.revision), True
-            result = self._on_conflict(state, value, response.responses[0].response_range.kvs)
-            if self._conflict_backoff > 0 and result is not None and not result[2]:
-                await asyncio.sleep(random.uniform(0, self._conflict_backoff))
-                fresh = await self._read(deadline)
-                return None if fresh is None else (*fresh, False)
-            return result
+        result = await compare_and_swap(
+            self._client, self._key,
+            Expect.absent() if expected is None else Expect.at_revision(expected),
+            value, deadline, f"Writing the rendezvous state {self._key.decode()!r}",
+            lease=self._lease, tagged=True,
+        )
+        if result.applied:
+            self._maybe_compact(result.revision)
+            return bytes(state), result.revision, True
+        if result.value is None:
+            return None
+        if self._config.conflict_backoff > 0:
+            await asyncio.sleep(random.uniform(0, self._config.conflict_backoff))
+            fresh = await self._read(deadline)
+            return None if fresh is None else (*fresh, False)
+        return self._decode(result.value), result.revision, False
 
     def _maybe_compact(self, revision: int) -> None:
         """Start a background compaction up to ``revision`` if one is due."""
         now = time.monotonic()
-        if not self._compact_interval or now - self._last_compaction < self._compact_interval \
+        interval = self._config.compact_interval
+        if not interval or now - self._last_compaction < interval \
                 or (self._compaction is not None and not self._compaction.done()):
             return
         self._last_compaction = now
@@ -262,76 +249,3 @@ class AsyncEtcdRendezvousBackend:
         except EtcdConnectionError:
             await asyncio.sleep(max(0.0, timeout - (time.monotonic() - started)))
             return False
-
-    def _cas_request(self, value: bytes, expected: int | None, lease_id: int) -> rpc.TxnRequest:
-        if expected is None:
-            compare = rpc.Compare(key=self._key, result=rpc.Compare.EQUAL,
-                                  target=rpc.Compare.CREATE, create_revision=0)
-        else:
-            compare = rpc.Compare(key=self._key, result=rpc.Compare.EQUAL,
-                                  target=rpc.Compare.MOD, mod_revision=expected)
-        return rpc.TxnRequest(
-            compare=[compare],
-            success=[rpc.RequestOp(
-                request_put=rpc.PutRequest(key=self._key, value=value, lease=lease_id))],
-            failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=self._key))],
-        )
-
-    def _on_conflict(
-        self, state: bytes, value: bytes, kvs: Any
-    ) -> tuple[bytes, int, bool] | None:
-        if not kvs:
-            return None
-        kv = kvs[0]
-        if kv.value == value:
-            # An earlier attempt of this very write landed (the tag makes it ours).
-            return bytes(state), int(kv.mod_revision), True
-        return self._decode(kv.value), int(kv.mod_revision), False
-
-    async def _resolve_ambiguous(
-        self, state: bytes, value: bytes, expected: int | None, deadline: Deadline
-    ) -> object:
-        response = await self._client.get(self._key, deadline)
-        kv = response.kvs[0] if response.kvs else None
-        if kv is not None and kv.value == value:
-            return bytes(state), int(kv.mod_revision), True
-        current = int(kv.mod_revision) if kv is not None else 0
-        if (expected is None and kv is None) or expected == current:
-            return _RETRY  # not applied (yet); the compare still guards a resend
-        # The key moved on. Our write, had it landed, was the first change after the revision
-        # it compared against (for a create: the put that created the key as it is now), and
-        # someone wrote over it since. The history tells which.
-        if expected is not None:
-            first = expected + 1
-        else:
-            assert kv is not None  # absent and no token returned _RETRY above
-            first = int(kv.create_revision)
-        landed_at = await self._first_change_if_ours(value, first, deadline)
-        if landed_at is not None:
-            return bytes(state), landed_at, True
-        return self._on_conflict(state, value, [kv] if kv is not None else [])
-
-    async def _first_change_if_ours(
-        self, value: bytes, start_revision: int, deadline: Deadline
-    ) -> int | None:
-        """The revision of the key's first change from ``start_revision`` if it wrote
-        ``value``, else None.
-
-        Raises:
-            EtcdConnectionError: that history is compacted, or unreadable within
-                ``deadline``: the write's outcome cannot be known.
-        """
-        unknown = (f"Writing the rendezvous state {self._key.decode()!r} has an unknown "
-                   "outcome: etcd failed during the write and the state has changed since")
-        try:
-            async with contextlib.aclosing(
-                self._client.watch(self._key, start_revision, deadline)
-            ) as events:
-                event = await asyncio.wait_for(anext(events), max(0.001, deadline.remaining()))
-        except CompactedError as exc:
-            raise EtcdConnectionError(f"{unknown}, and etcd has compacted that history.") \
-                from exc
-        except (asyncio.TimeoutError, UnavailableError) as exc:
-            raise EtcdConnectionError(f"{unknown}, and its history could not be read.") \
-                from exc
-        return event.revision if event.value == value else None

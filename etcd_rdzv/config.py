@@ -8,6 +8,7 @@ invalid value raises :class:`ValueError` naming the option and the value.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -124,59 +125,69 @@ def parse_endpoints(endpoint: str | None) -> tuple[Endpoint, ...]:
     return tuple(parsed)
 
 
-def _positive_number(name: str, value: object, message: str | None = None) -> float:
-    """Return ``value`` as a positive finite float, or raise naming the option."""
-    lead = f"{message} " if message else ""
-    try:
-        number = float(value) if not isinstance(value, bool) else math.nan  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        number = math.nan
-    if not (math.isfinite(number) and number > 0):
-        raise ValueError(f"{lead}The option {name} must be a positive number of seconds, "
-                         f"got {name}={value!r}.")
-    return number
+def _number(value: object) -> float:
+    """``value`` as a float (a number, or a string as torchrun delivers it); NaN if it is
+    neither, so that every range check below fails on it."""
+    if isinstance(value, bool):
+        return math.nan
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    return math.nan
 
 
-#: A conflict backoff above this would stall a rendezvous more than torch's own 1 s poll.
-MAX_CONFLICT_BACKOFF = 1.0
+def seconds_between(name: str, value: object, low: float, high: float = math.inf, *,
+                    low_open: bool = False, zero_means_off: bool = False) -> float:
+    """The one rule for an option that is a number of seconds: finite, at least ``low``
+    (above it with ``low_open``), at most ``high``; 0 also allowed with ``zero_means_off``.
+
+    Raises:
+        ValueError: naming the option, the value as given and the range.
+    """
+    number = _number(value)
+    fits = math.isfinite(number) and (number > low if low_open else number >= low) \
+        and number <= high
+    if fits or (zero_means_off and number == 0):
+        return number
+    if zero_means_off:
+        wanted = f"0 (off) or a number of seconds of at least {low:g}"
+    elif low_open and low == 0 and high == math.inf:
+        wanted = "a positive number of seconds"
+    elif high == math.inf:
+        wanted = f"a number of seconds of at least {low:g}"
+    else:
+        wanted = f"a number of seconds from {low:g} to {high:g}"
+    raise ValueError(f"The option {name} must be {wanted}, got {name}={value!r}.")
 
 
-def validate_conflict_backoff(value: object) -> float:
-    """``conflict_backoff`` as seconds in [0, MAX_CONFLICT_BACKOFF], or raise naming it."""
-    try:
-        number = float(value) if not isinstance(value, bool) else math.nan  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        number = math.nan
-    if not (0 <= number <= MAX_CONFLICT_BACKOFF):
-        raise ValueError(f"The option conflict_backoff must be a number of seconds from 0 to "
-                         f"{MAX_CONFLICT_BACKOFF:g}, got conflict_backoff={value!r}.")
-    return number
-
-
-def validate_compact_interval(value: object) -> float:
-    """``compact_interval`` as seconds: 0 (off) or at least 1, or raise naming it."""
-    try:
-        number = float(value) if not isinstance(value, bool) else math.nan  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        number = math.nan
-    if not (number == 0 or (math.isfinite(number) and number >= 1)):
-        raise ValueError(f"The option compact_interval must be 0 (off) or a number of seconds "
-                         f"of at least 1, got compact_interval={value!r}.")
-    return number
-
-
-def _integer(name: str, value: object, *, minimum: int, message: str | None = None) -> int:
-    """Return ``value`` as an int of at least ``minimum``, or raise naming the option."""
-    lead = f"{message} " if message else ""
+def integer_at_least(name: str, value: object, minimum: int) -> int:
+    """The one rule for an integer option (an int, or a decimal string)."""
     parsed: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):
         parsed = value
     elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
         parsed = int(value)
     if parsed is None or parsed < minimum:
-        raise ValueError(f"{lead}The option {name} must be an integer of at least {minimum}, "
+        raise ValueError(f"The option {name} must be an integer of at least {minimum}, "
                          f"got {name}={value!r}.")
     return parsed
+
+
+def _read_timeout(value: object) -> float:
+    """torch's ``etcd-v2`` rule and message for a string (a positive integer); any positive
+    number of seconds from Python."""
+    if isinstance(value, str):
+        if not re.fullmatch(r"\s*\+?\d+\s*", value) or int(value) < 1:
+            raise ValueError(f"The read timeout must be a positive integer. Got "
+                             f"read_timeout={value!r}.")
+        return float(int(value))
+    return seconds_between("read_timeout", value, 0, low_open=True)
+
+
+#: A conflict backoff above this would stall a rendezvous more than torch's own 1 s poll.
+MAX_CONFLICT_BACKOFF = 1.0
 
 
 def _readable_file(name: str, value: object) -> Path:
@@ -220,11 +231,14 @@ class EtcdConfig:
     def __post_init__(self) -> None:
         if not self.endpoints:
             raise ValueError("The option endpoint must name at least one etcd endpoint.")
-        if self.protocol not in ("http", "https"):
+        protocol = self.protocol.lower() if isinstance(self.protocol, str) else self.protocol
+        if protocol not in ("http", "https"):
             raise ValueError(f"The protocol must be HTTP or HTTPS. Got protocol={self.protocol!r}.")
-        _positive_number("read_timeout", self.read_timeout)
-        _positive_number("request_timeout", self.request_timeout)
-        _positive_number("connect_timeout", self.connect_timeout)
+        set_field = object.__setattr__  # frozen: normalized once, here
+        set_field(self, "protocol", protocol)
+        set_field(self, "read_timeout", _read_timeout(self.read_timeout))
+        for name in ("request_timeout", "connect_timeout"):
+            set_field(self, name, seconds_between(name, getattr(self, name), 0, low_open=True))
         if self.protocol == "http":
             for name in ("ca_cert", "ssl_cert", "ssl_cert_key"):
                 if getattr(self, name) is not None:
@@ -292,7 +306,6 @@ class RendezvousConfig:
                 f"of the machine. Use password_file=PATH or the {PASSWORD_ENV_VAR} environment "
                 "variable."
             )
-        validate_run_id(run_id)
         unknown = sorted(set(options) - BACKEND_OPTIONS - TORCH_OPTIONS)
         if unknown:
             # Not an error: torch passes every --rdzv-conf key to every backend.
@@ -306,17 +319,7 @@ class RendezvousConfig:
                 return value if value else None
             return value
 
-        protocol = get("protocol") or "http"
-        if not isinstance(protocol, str) or protocol.lower() not in ("http", "https"):
-            raise ValueError(f"The protocol must be HTTP or HTTPS. Got protocol={protocol!r}.")
-        scheme: Literal["http", "https"] = "https" if protocol.lower() == "https" else "http"
-        read_timeout = get("read_timeout")
-        if read_timeout is not None:
-            read_timeout = _integer(
-                "read_timeout", read_timeout, minimum=1,
-                message="The read timeout must be a positive integer.",
-            )
-        tls_files = {
+        tls_files: dict[str, Any] = {
             name: _readable_file(name, get(name)) if get(name) is not None else None
             for name in ("ca_cert", "ssl_cert", "ssl_cert_key")
         }
@@ -332,59 +335,37 @@ class RendezvousConfig:
         if password is not None and username is None:
             raise ValueError(f"A password was given (password_file or ${PASSWORD_ENV_VAR}) but "
                              "no username; set username=NAME.")
-
-        def seconds(name: str, default: float) -> float:
-            value = get(name)
-            return default if value is None else _positive_number(name, value)
-
+        # Values go in as given (strings from torchrun): __post_init__ checks and converts
+        # each one, so that every rule and its message live in one place.
+        etcd_options = {name: get(name) for name in
+                        ("protocol", "read_timeout", "request_timeout", "connect_timeout")}
         etcd = EtcdConfig(
             endpoints=parse_endpoints(endpoint),
-            protocol=scheme,
             username=username,
             password=password,
-            read_timeout=float(read_timeout) if read_timeout is not None else DEFAULT_READ_TIMEOUT,
-            request_timeout=seconds("request_timeout", DEFAULT_REQUEST_TIMEOUT),
-            connect_timeout=seconds("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
+            **{name: value for name, value in etcd_options.items() if value is not None},
             **tls_files,
         )
-        key_prefix = get("key_prefix")
-        ttl = get("ttl")
-        compress_threshold = get("compress_threshold")
-        max_request_bytes = get("max_request_bytes")
-        conflict_backoff = get("conflict_backoff")
-        wait = get("wait") or "poll"
-        compact_interval = get("compact_interval")
-        verify_state = get("verify_state")
-        if wait not in ("poll", "watch"):
-            raise ValueError(f"The option wait must be 'poll' or 'watch', got wait={wait!r}.")
-        return cls(
-            etcd=etcd,
-            run_id=run_id,
-            key_prefix=DEFAULT_KEY_PREFIX if key_prefix is None else key_prefix,
-            ttl=DEFAULT_TTL if ttl is None else _integer("ttl", ttl, minimum=1),
-            compress_threshold=DEFAULT_COMPRESS_THRESHOLD if compress_threshold is None
-            else _integer("compress_threshold", compress_threshold, minimum=0),
-            max_request_bytes=DEFAULT_MAX_REQUEST_BYTES if max_request_bytes is None
-            else _integer("max_request_bytes", max_request_bytes, minimum=4096),
-            conflict_backoff=0.0 if conflict_backoff is None
-            else validate_conflict_backoff(conflict_backoff),
-            wait="watch" if wait == "watch" else "poll",
-            compact_interval=0.0 if compact_interval is None
-            else validate_compact_interval(compact_interval),
-            verify_state=False if verify_state is None else parse_bool("verify_state",
-                                                                       verify_state),
-        )
+        run_options = {name: get(name) for name in (
+            "key_prefix", "ttl", "compress_threshold", "max_request_bytes", "conflict_backoff",
+            "wait", "compact_interval", "verify_state")}
+        return cls(etcd=etcd, run_id=run_id,
+                   **{name: value for name, value in run_options.items() if value is not None})
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "key_prefix", validate_key_prefix(self.key_prefix))
-        _integer("ttl", self.ttl, minimum=1)
-        _integer("compress_threshold", self.compress_threshold, minimum=0)
-        _integer("max_request_bytes", self.max_request_bytes, minimum=4096)
-        validate_conflict_backoff(self.conflict_backoff)
-        validate_compact_interval(self.compact_interval)
-        if not isinstance(self.verify_state, bool):
-            raise ValueError(f"The option verify_state must be a bool, got "
-                             f"verify_state={self.verify_state!r}.")
+        set_field = object.__setattr__  # frozen: normalized once, here
+        set_field(self, "run_id", validate_run_id(self.run_id))
+        set_field(self, "key_prefix", validate_key_prefix(self.key_prefix))
+        set_field(self, "ttl", integer_at_least("ttl", self.ttl, 1))
+        set_field(self, "compress_threshold",
+                  integer_at_least("compress_threshold", self.compress_threshold, 0))
+        set_field(self, "max_request_bytes",
+                  integer_at_least("max_request_bytes", self.max_request_bytes, 4096))
+        set_field(self, "conflict_backoff", seconds_between(
+            "conflict_backoff", self.conflict_backoff, 0, MAX_CONFLICT_BACKOFF))
+        set_field(self, "compact_interval", seconds_between(
+            "compact_interval", self.compact_interval, 1, zero_means_off=True))
+        set_field(self, "verify_state", parse_bool("verify_state", self.verify_state))
         if self.wait not in ("poll", "watch"):
             raise ValueError(f"The option wait must be 'poll' or 'watch', got wait={self.wait!r}.")
 

@@ -17,8 +17,9 @@ from aetcd import rpc
 
 from ._connection import EtcdClient
 from ._lease import AmortizedLease
+from .cas import Expect, compare_and_swap
 from .deadline import Deadline
-from .errors import EtcdConnectionError, StoreTimeoutError, UnavailableError
+from .errors import EtcdConnectionError, StoreTimeoutError
 
 __all__ = ["MAX_TXN_OPS", "AsyncEtcdStore"]
 
@@ -190,48 +191,19 @@ class AsyncEtcdStore:
         As ``TCPStore``: an empty ``expected`` means "only if absent". When the swap does not
         happen the current value is returned, or ``expected`` if the key is absent. One
         ``Txn`` per attempt; an ambiguous attempt is resolved by reading (the answer is the
-        current value either way) and resent only if the key still holds ``expected``.
+        current value either way) and resent only if the key still holds ``expected``
+        (:func:`~etcd_rdzv.cas.compare_and_swap`).
         """
         full_key = self._key(key)
         old, new = _to_bytes("expected value", expected), _to_bytes("desired value", desired)
-        if old:
-            compare = rpc.Compare(key=full_key, result=rpc.Compare.EQUAL,
-                                  target=rpc.Compare.VALUE, value=old)
-        else:
-            compare = rpc.Compare(key=full_key, result=rpc.Compare.EQUAL,
-                                  target=rpc.Compare.CREATE, create_revision=0)
-        deadline = self._deadline()
-
-        def request(lease_id: int) -> rpc.TxnRequest:
-            return rpc.TxnRequest(
-                compare=[compare],
-                success=[rpc.RequestOp(
-                    request_put=rpc.PutRequest(key=full_key, value=new, lease=lease_id))],
-                failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=full_key))],
-            )
-
-        while True:
-            try:
-                response = await self._lease.write(
-                    lambda lease_id: self._client.txn_once(
-                        request(lease_id), deadline, f"compare_set on {self._name(full_key)!r}"),
-                    deadline,
-                )
-            except UnavailableError as exc:
-                current, _ = await self._read_many([full_key])
-                unchanged = current[0] == old if old else current[0] is None
-                if not unchanged:
-                    return current[0] if current[0] is not None else old
-                if deadline.expired:
-                    raise EtcdConnectionError(
-                        f"compare_set on {self._name(full_key)!r} has an unknown outcome: etcd "
-                        f"did not confirm it within {deadline.seconds:g} s."
-                    ) from exc
-                continue  # not applied (yet): the compare still guards a resend
-            if response.succeeded:
-                return new
-            kvs = response.responses[0].response_range.kvs
-            return bytes(kvs[0].value) if kvs else old
+        result = await compare_and_swap(
+            self._client, full_key, Expect.holding(old) if old else Expect.absent(), new,
+            self._deadline(), f"compare_set on {self._name(full_key)!r}", lease=self._lease,
+        )
+        if result.applied:
+            return new
+        # On a conflict, and on an unknown outcome alike, the answer is what the key holds.
+        return result.value if result.value is not None else old
 
     async def add(self, key: str | bytes, amount: int) -> int:
         """Add ``amount`` to the decimal integer at ``key`` (absent counts as 0); return it.
@@ -262,45 +234,29 @@ class AsyncEtcdStore:
         """Read-modify-write ``full_key`` with compare-and-swap; return the value written.
 
         Each attempt is one ``Txn`` whose failure branch reads the value for the next one.
-        An attempt with an unknown outcome is resent only if a read shows the key unchanged;
-        otherwise :class:`EtcdConnectionError` is raised rather than risk applying it twice.
+        An attempt with an unknown outcome is resent only if a read shows the key unchanged
+        (:func:`~etcd_rdzv.cas.compare_and_swap`); otherwise :class:`EtcdConnectionError` is
+        raised rather than risk applying it twice (the value carries no tag to tell).
         """
         deadline = self._deadline()
         response = await self._client.get(full_key, deadline)
         kv = response.kvs[0] if response.kvs else None
+        revision, current = (int(kv.mod_revision), bytes(kv.value)) if kv is not None \
+            else (0, None)
         while True:
-            revision = int(kv.mod_revision) if kv is not None else 0
-            new_value = transform(bytes(kv.value) if kv is not None else None)
-
-            def request(lease_id: int, revision: int = revision,
-                        new_value: bytes = new_value) -> rpc.TxnRequest:
-                return rpc.TxnRequest(
-                    compare=[rpc.Compare(key=full_key, result=rpc.Compare.EQUAL,
-                                         target=rpc.Compare.MOD, mod_revision=revision)],
-                    success=[rpc.RequestOp(request_put=rpc.PutRequest(
-                        key=full_key, value=new_value, lease=lease_id))],
-                    failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=full_key))],
-                )
-
-            try:
-                txn = await self._lease.write(
-                    lambda lease_id: self._client.txn_once(
-                        request(lease_id), deadline, f"{what} {self._name(full_key)!r}"),
-                    deadline,
-                )
-            except UnavailableError as exc:
-                check = await self._client.get(full_key, deadline)
-                now = check.kvs[0] if check.kvs else None
-                if (int(now.mod_revision) if now is not None else 0) == revision:
-                    continue
+            new_value = transform(current)
+            result = await compare_and_swap(
+                self._client, full_key, Expect.at_revision(revision), new_value, deadline,
+                f"{what} {self._name(full_key)!r}", lease=self._lease,
+            )
+            if result.applied:
+                return new_value
+            if result.outcome == "unknown":
                 raise EtcdConnectionError(
                     f"{what} {self._name(full_key)!r} has an unknown outcome: the key changed "
                     "while etcd was unavailable. Not retried, so as not to apply it twice."
-                ) from exc
-            if txn.succeeded:
-                return new_value
-            kvs = txn.responses[0].response_range.kvs
-            kv = kvs[0] if kvs else None
+                )
+            revision, current = result.revision, result.value
             # Callers that collided retry at once otherwise, and collide again.
             await asyncio.sleep(random.uniform(0, _UPDATE_BACKOFF))
 

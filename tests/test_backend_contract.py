@@ -56,9 +56,8 @@ async def backend(
         yield ContractBackend("async", core, EtcdStateError, core.key)
         await client.close()
     else:
-        shim = EtcdRendezvousBackend(
-            EtcdClient(etcd_config), "dummy_run_id", key_prefix=key_prefix
-        )
+        shim = EtcdRendezvousBackend(AsyncEtcdRendezvousBackend(
+            EtcdClient(etcd_config), "dummy_run_id", key_prefix=key_prefix))
         yield ContractBackend("shim", shim, RendezvousStateError, shim.async_backend.key)
         await asyncio.to_thread(shim.close)
 

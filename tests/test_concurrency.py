@@ -41,7 +41,8 @@ async def test_32_asyncio_tasks_count_exactly_their_successes(
 def test_8_threads_through_the_shim_count_exactly_their_successes(
     etcd_config: EtcdConfig, key_prefix: str
 ) -> None:
-    backend = EtcdRendezvousBackend(EtcdClient(etcd_config), "counter", key_prefix=key_prefix)
+    backend = EtcdRendezvousBackend(
+        AsyncEtcdRendezvousBackend(EtcdClient(etcd_config), "counter", key_prefix=key_prefix))
     backend.set_state(b"0")
     successes: list[int] = []
     errors: list[BaseException] = []

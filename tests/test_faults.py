@@ -16,6 +16,8 @@ from etcd_rdzv import (
     EtcdConfig,
     EtcdConnectionError,
 )
+from etcd_rdzv.cas import CasResult, Expect, resolve_lost_answer
+from etcd_rdzv.codec import StateCodec
 from etcd_rdzv.config import parse_endpoints
 from etcd_rdzv.testing import EtcdServer, free_port
 
@@ -106,16 +108,18 @@ async def test_an_unknown_outcome_is_resolved_from_the_history(
     first = await backend.set_state(b"a")
     assert first is not None
     token = first[1]
-    ours = backend._codec.encode(b"ours", key=backend.key)
-    theirs = backend._codec.encode(b"theirs", key=backend.key)
+    codec = StateCodec()
+    ours = codec.encode(b"ours", key=backend.key)
+    theirs = codec.encode(b"theirs", key=backend.key)
     client = backend.client
     for value in ([ours, theirs] if ours_landed else [theirs]):
         await client.put(backend.key, value, 0, Deadline.after(5))
-    outcome = await backend._resolve_ambiguous(b"ours", ours, token, Deadline.after(5))
+    outcome = await resolve_lost_answer(client, backend.key, Expect.at_revision(token), ours,
+                                        Deadline.after(5), "test write", tagged=True)
     if ours_landed:
-        assert outcome == (b"ours", token + 1, True)
+        assert outcome == CasResult("applied", token + 1, ours)
     else:
-        assert outcome == (b"theirs", token + 1, False)
+        assert outcome == CasResult("conflict", token + 1, theirs)
 
 
 async def test_an_unknown_outcome_over_compacted_history_is_an_error(
@@ -123,11 +127,12 @@ async def test_an_unknown_outcome_over_compacted_history_is_an_error(
 ) -> None:
     first = await backend.set_state(b"a")
     assert first is not None
-    codec, client = backend._codec, backend.client
+    codec, client = StateCodec(), backend.client
     ours = codec.encode(b"ours", key=backend.key)
     await client.put(backend.key, codec.encode(b"x", key=backend.key), 0, Deadline.after(5))
     revision = await client.put(backend.key, codec.encode(b"y", key=backend.key), 0,
                                 Deadline.after(5))
     await client.compact(revision, Deadline.after(5))
     with pytest.raises(EtcdConnectionError, match=r"unknown outcome.*compacted"):
-        await backend._resolve_ambiguous(b"ours", ours, first[1], Deadline.after(5))
+        await resolve_lost_answer(client, backend.key, Expect.at_revision(first[1]), ours,
+                                  Deadline.after(5), "test write", tagged=True)

@@ -386,12 +386,13 @@ def test_torchs_handler_over_a_verifying_backend_never_unpickles_the_payload(
     marker = tmp_path / "ran"
     run_id = f"evil-{uuid.uuid4().hex[:6]}"
     config = EtcdConfig(endpoints=parse_endpoints(etcd_server.get_endpoint()), read_timeout=5)
-    writer = EtcdRendezvousBackend(EtcdClient(config), run_id, key_prefix=key_prefix)
+    writer = EtcdRendezvousBackend(
+        AsyncEtcdRendezvousBackend(EtcdClient(config), run_id, key_prefix=key_prefix))
     assert writer.set_state(exec_payload(marker)) is not None
     writer.close()
 
-    backend = EtcdRendezvousBackend(EtcdClient(config), run_id, key_prefix=key_prefix,
-                                    verify_state=True)
+    backend = EtcdRendezvousBackend(AsyncEtcdRendezvousBackend(
+        EtcdClient(config), run_id, key_prefix=key_prefix, verify_state=True))
     params = RendezvousParameters(backend="etcd-v3", endpoint=etcd_server.get_endpoint(),
                                   run_id=run_id, min_nodes=1, max_nodes=1)
     handler = torch_create_handler(HashStore(), backend, params)
@@ -401,7 +402,8 @@ def test_torchs_handler_over_a_verifying_backend_never_unpickles_the_payload(
         assert not marker.exists()
 
         # The control: the same handler over a backend that does not verify runs it.
-        unchecked = EtcdRendezvousBackend(EtcdClient(config), run_id, key_prefix=key_prefix)
+        unchecked = EtcdRendezvousBackend(
+            AsyncEtcdRendezvousBackend(EtcdClient(config), run_id, key_prefix=key_prefix))
         with contextlib.suppress(Exception):  # exec returns None, which torch then reads
             torch_create_handler(HashStore(), unchecked, params).is_closed()
         assert marker.read_text() == "ran"

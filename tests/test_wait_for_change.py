@@ -79,7 +79,8 @@ async def test_an_invalid_token_returns_at_once(backend: AsyncEtcdRendezvousBack
 
 
 def test_the_shim_exposes_it(etcd_config: EtcdConfig, key_prefix: str) -> None:
-    shim = EtcdRendezvousBackend(EtcdClient(etcd_config), "run", key_prefix=key_prefix)
+    shim = EtcdRendezvousBackend(
+        AsyncEtcdRendezvousBackend(EtcdClient(etcd_config), "run", key_prefix=key_prefix))
     result = shim.set_state(b"x")
     assert result is not None
     assert not shim.wait_for_change(result[1], 0.2)

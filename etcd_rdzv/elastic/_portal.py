@@ -1,4 +1,5 @@
-"""One event-loop thread per process, on which the sync faces run the async core."""
+"""One event-loop thread per process, on which the sync faces run the async core, and the
+one map from this project's errors to torch's (:func:`run_for_torch`)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,14 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, ClassVar, TypeVar
 
-__all__ = ["Portal"]
+from ..errors import EtcdConnectionError, EtcdStateError, StoreTimeoutError
+
+__all__ = ["Portal", "run_for_torch"]
 
 T = TypeVar("T")
+
+#: Beyond the core's own deadline, so that the core's error (which says more) wins.
+_PORTAL_GRACE = 5.0
 
 
 class Portal:
@@ -77,3 +83,31 @@ class Portal:
 
 
 os.register_at_fork(after_in_child=Portal._forget_after_fork)
+
+
+def run_for_torch(coroutine: Coroutine[Any, Any, T], seconds: float) -> T:
+    """Run ``coroutine`` on this process's portal for the torch faces, mapping errors once:
+
+    * :class:`~etcd_rdzv.errors.StoreTimeoutError` → ``torch.distributed.DistStoreError``
+      (what torch's agent catches around its store barriers);
+    * :class:`~etcd_rdzv.errors.EtcdConnectionError`, or no answer within ``seconds`` plus a
+      grace → ``RendezvousConnectionError``;
+    * :class:`~etcd_rdzv.errors.EtcdStateError` → ``RendezvousStateError``.
+
+    ``seconds`` is the deadline the coroutine keeps itself (``read_timeout``, plus the
+    store's wait); the portal's own timeout only catches a coroutine that fails to.
+    """
+    from torch.distributed import DistStoreError
+    from torch.distributed.elastic.rendezvous.api import (
+        RendezvousConnectionError,
+        RendezvousStateError,
+    )
+
+    try:
+        return Portal.get().run(coroutine, seconds + _PORTAL_GRACE)
+    except StoreTimeoutError as exc:
+        raise DistStoreError(str(exc)) from exc
+    except (EtcdConnectionError, TimeoutError) as exc:
+        raise RendezvousConnectionError(f"The connection to etcd has failed: {exc}") from exc
+    except EtcdStateError as exc:
+        raise RendezvousStateError(str(exc)) from exc

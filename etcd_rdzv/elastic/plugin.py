@@ -29,8 +29,10 @@ def create_backend(params: RendezvousParameters) -> tuple[EtcdRendezvousBackend,
     options (``read_timeout``, ``protocol``, ``ssl_cert``, ``ssl_cert_key``, ``ca_cert``, same
     defaults) and ``key_prefix``, ``ttl``, ``username``, ``password_file``,
     ``request_timeout``, ``connect_timeout``, ``compress_threshold``, ``max_request_bytes``,
-    ``conflict_backoff``, ``wait``: see docs/configuration.md. The password comes from
-    ``password_file`` or ``$ETCD_RDZV_PASSWORD``, never from the command line.
+    ``conflict_backoff``, ``wait``, ``compact_interval``, ``verify_state``: see
+    docs/configuration.md (``BACKEND_OPTIONS`` in :mod:`etcd_rdzv.config` lists them). The
+    password comes from ``password_file`` or ``$ETCD_RDZV_PASSWORD``, never from the command
+    line.
 
     Raises:
         ValueError: an option is invalid; the message names it and its value.
@@ -46,30 +48,20 @@ def create_backend(params: RendezvousParameters) -> tuple[EtcdRendezvousBackend,
 def _create_backend(config: RendezvousConfig) -> tuple[EtcdRendezvousBackend, Store]:
     """:func:`create_backend` from options already parsed."""
     from .._connection import EtcdClient
-    from ..codec import StateCodec
+    from ..backend import AsyncEtcdRendezvousBackend
     from ..deadline import Deadline
     from ..keys import RunKeys
     from ..store import AsyncEtcdStore
-    from .backend import EtcdRendezvousBackend, run_for_torch
+    from ._portal import run_for_torch
+    from .backend import EtcdRendezvousBackend
     from .store import EtcdStore
 
     client = EtcdClient(config.etcd)
-    backend = EtcdRendezvousBackend(
-        client,
-        config.run_id,
-        key_prefix=config.key_prefix,
-        ttl=config.ttl,
-        codec=StateCodec(config.compress_threshold, config.max_request_bytes),
-        conflict_backoff=config.conflict_backoff,
-        compact_interval=config.compact_interval,
-        verify_state=config.verify_state,
-    )
+    core = AsyncEtcdRendezvousBackend.from_config(client, config)
     probe_seconds = min(config.etcd.connect_timeout, config.etcd.read_timeout)
-    run_for_torch(client.get(backend.async_backend.key, Deadline.after(probe_seconds)),
-                  probe_seconds)
+    run_for_torch(client.get(core.key, Deadline.after(probe_seconds)), probe_seconds)
     store_prefix = RunKeys(config.run_id, config.key_prefix).store_prefix
-    store = EtcdStore(AsyncEtcdStore(client, store_prefix, backend.async_backend.lease))
-    return backend, store
+    return EtcdRendezvousBackend(core), EtcdStore(AsyncEtcdStore(client, store_prefix, core.lease))
 
 
 def create_handler(params: RendezvousParameters) -> RendezvousHandler:

@@ -7,11 +7,9 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from torch._C._distributed_c10d import Store
-from torch.distributed import DistStoreError
 
-from ..errors import StoreTimeoutError
 from ..store import AsyncEtcdStore
-from .backend import run_for_torch
+from ._portal import run_for_torch
 
 __all__ = ["EtcdStore"]
 
@@ -42,10 +40,7 @@ class EtcdStore(Store):
         return self._async
 
     def _run(self, coroutine: Coroutine[Any, Any, T], waits: float = 0.0) -> T:
-        try:
-            return run_for_torch(coroutine, self._async.client.config.read_timeout + waits)
-        except StoreTimeoutError as exc:
-            raise DistStoreError(str(exc)) from exc
+        return run_for_torch(coroutine, self._async.client.config.read_timeout + waits)
 
     def _seconds(self, override: datetime.timedelta | None = None) -> float:
         # torch's stubs omit the C++ ``timeout`` property, which set_timeout() updates.
