@@ -1,16 +1,19 @@
 """The one module that talks to etcd: channel, deadlines, retries and error mapping.
 
-aetcd is thin: one endpoint, no TLS, no retries, no deadline unless given, a token never
-refreshed. This module owns that policy so that nothing else imports aetcd or grpc:
+Only this module opens channels, sends RPCs and sees grpc. etcd's request and response
+messages are protobufs from ``aetcd.rpc``: the modules that shape requests build them
+(:mod:`~etcd_rdzv.cas`, :mod:`~etcd_rdzv.store`, :mod:`~etcd_rdzv.admin`) and read the
+responses this module returns; none of them sends anything itself. The policy it owns:
 
 * **Channel.** Plaintext or TLS/mTLS (``grpc.aio.secure_channel``); several endpoints
   through one gRPC multi-address target (``ipv4:a:p,b:p``, pick_first fails over); reconnect
   backoff capped at 1 s (gRPC's default left clients failing ~11 s after an outage ended).
 * **Deadlines.** Every RPC carries one: ``request_timeout`` for an attempt, capped by what
   is left of the operation's :class:`Deadline` (``read_timeout``).
-* **Retries.** Reads retry transient errors (UNAVAILABLE, DEADLINE_EXCEEDED) until the
-  deadline. Writes are attempted once: :meth:`EtcdClient.txn_once` raises
-  :class:`UnavailableError` and the caller resolves the ambiguity by reading.
+* **Retries.** Explicit per call (:meth:`EtcdClient._unary`'s ``idempotent``): reads and
+  writes that are safe to repeat retry transient errors (UNAVAILABLE, DEADLINE_EXCEEDED)
+  until the deadline. A compare-and-swap is attempted once: :meth:`EtcdClient.txn_once`
+  raises :class:`UnavailableError` and :mod:`etcd_rdzv.cas` resolves it by reading.
 * **Re-login.** An expired auth token (UNAUTHENTICATED) reconnects, which authenticates
   again, and repeats the attempt once: a rejected request was never applied.
 * **Errors.** gRPC status codes become :mod:`etcd_rdzv.errors` in one function.

@@ -22,6 +22,7 @@ from typing import Any
 from aetcd import rpc, utils
 
 from ._connection import EtcdClient
+from ._lease import lease_window
 from .backend import AsyncEtcdRendezvousBackend
 from .codec import StateCodec
 from .config import DEFAULT_KEY_PREFIX, DEFAULT_TTL, validate_key_prefix
@@ -131,14 +132,6 @@ class _RunKeys:
     newest: Any = None  # the KeyValue with the highest mod_revision
 
 
-def _window_bound(granted: int) -> int:
-    """An upper bound of the lease window of a lease granted for ``granted`` seconds.
-
-    The backend grants ``ttl + window`` with ``window = clamp(ttl // 10, 1, 60)``
-    (:func:`etcd_rdzv._lease.lease_window`), so ``granted // 10`` bounds it from above.
-    """
-    return max(1, min(60, granted // 10))
-
 
 class RendezvousAdmin:
     """List, inspect, watch, close and delete the rendezvous runs under one key prefix.
@@ -227,7 +220,9 @@ class RendezvousAdmin:
             if lease is not None:
                 left, granted, read_at = lease
                 age = granted - left + (now - read_at)
-                idle = max(0.0, age - _window_bound(granted) - 1)
+                # lease_window of the granted TTL bounds the window of the TTL it was
+                # granted for (ttl + window), so the figure never overstates.
+                idle = max(0.0, age - lease_window(granted) - 1)
                 ttl_left = left
             kv = keys.state
             infos.append(RunInfo(

@@ -1,9 +1,13 @@
 """Configuration, parsed and validated once into frozen objects.
 
 Every option reaches etcd_rdzv either as a Python value or as a string from
-``torchrun --rdzv-conf key=value`` (torch's ``RendezvousParameters.config``). Both paths end
-in :meth:`RendezvousConfig.from_options`; nothing downstream reads raw options again. An
-invalid value raises :class:`ValueError` naming the option and the value.
+``torchrun --rdzv-conf key=value`` (torch's ``RendezvousParameters.config``). Both end in the
+``__post_init__`` of :class:`EtcdConfig` or :class:`RendezvousConfig`, the one place that
+checks each value and converts it to its type (``"30"`` becomes ``30.0``): one rule and one
+message per option. :meth:`RendezvousConfig.from_options` only gathers torch's strings, reads
+the files they name and refuses what must not be given (a password on the command line).
+Nothing downstream validates again. An invalid value raises :class:`ValueError` naming the
+option and the value as given.
 """
 
 from __future__ import annotations
