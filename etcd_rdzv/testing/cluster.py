@@ -19,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from ..config import EtcdConfig, parse_endpoints
 from ..errors import EtcdStartError
 from ._certs import TlsCertificates
 from .member import EtcdMember, find_etcd_binary
@@ -74,6 +75,10 @@ class EtcdCluster:
     def get_endpoint(self) -> str:
         """All members, comma-separated: the form ``--rdzv-endpoint`` takes."""
         return ",".join(self.endpoints)
+
+    def client_config(self, **options: Any) -> EtcdConfig:
+        """An :class:`~etcd_rdzv.EtcdConfig` naming every member, with ``options`` set."""
+        return EtcdConfig(endpoints=parse_endpoints(self.get_endpoint()), **options)
 
     def _initial_cluster(self) -> str:
         return ",".join(f"{member.name}={member.peer_url}" for member in self.members)

@@ -10,24 +10,24 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 import pytest_asyncio
 
-from ..config import EtcdConfig, parse_endpoints
-from . import EtcdServer
+from ..config import EtcdConfig
+from .cluster import EtcdServer
+
+if TYPE_CHECKING:
+    from .. import EtcdClient
 
 __all__ = ["etcd_client", "etcd_config", "etcd_server", "key_prefix"]
 
 
 @pytest.fixture(scope="session")
 def etcd_server() -> Iterator[EtcdServer]:
-    server = EtcdServer()
-    server.start()
-    try:
+    with EtcdServer() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -37,20 +37,13 @@ def key_prefix() -> str:
 
 @pytest.fixture
 def etcd_config(etcd_server: EtcdServer) -> EtcdConfig:
-    return EtcdConfig(
-        endpoints=parse_endpoints(etcd_server.get_endpoint()),
-        read_timeout=10.0,
-        request_timeout=2.0,
-        connect_timeout=5.0,
-    )
+    return etcd_server.client_config(read_timeout=10.0, request_timeout=2.0,
+                                     connect_timeout=5.0)
 
 
 @pytest_asyncio.fixture
-async def etcd_client(etcd_config: EtcdConfig) -> AsyncIterator[object]:
-    from .._connection import EtcdClient
+async def etcd_client(etcd_config: EtcdConfig) -> AsyncIterator[EtcdClient]:
+    from .. import EtcdClient  # grpc loads with the first test that needs a client
 
-    client = EtcdClient(etcd_config)
-    try:
+    async with EtcdClient(etcd_config) as client:
         yield client
-    finally:
-        await client.close()

@@ -56,15 +56,9 @@ class History:
     operations: list[Operation] = field(default_factory=list)
 
     async def record_get(self, client: int, call: Callable[[], Awaitable[Any]]) -> Any:
+        """Await ``call()`` (a ``get_state``) and record it."""
         op = Operation(client, "get", time.monotonic())
-        self.operations.append(op)
-        try:
-            result = await call()
-        except Exception as exc:
-            op.error = repr(exc)
-            raise
-        finally:
-            op.completed = time.monotonic()
+        result = await self._record(op, call())
         if result is not None:
             op.state, op.token_out = result
         return result
@@ -73,18 +67,22 @@ class History:
         self, client: int, state: bytes, token: int | None,
         call: Callable[[bytes, int | None], Awaitable[Any]],
     ) -> Any:
+        """Await ``call(state, token)`` (a ``set_state``) and record it."""
         op = Operation(client, "set", time.monotonic(), token_in=token, written=state)
+        result = await self._record(op, call(state, token))
+        if result is not None:
+            op.state, op.token_out, op.ok = result
+        return result
+
+    async def _record(self, op: Operation, call: Awaitable[Any]) -> Any:
         self.operations.append(op)
         try:
-            result = await call(state, token)
+            return await call
         except Exception as exc:
             op.error = repr(exc)
             raise
         finally:
             op.completed = time.monotonic()
-        if result is not None:
-            op.state, op.token_out, op.ok = result
-        return result
 
     def check(self, initial: tuple[bytes, int] | None = None) -> list[str]:
         """Return every violation found (empty when the history is linearizable)."""
