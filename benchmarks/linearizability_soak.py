@@ -12,35 +12,12 @@ import argparse
 import asyncio
 import random
 import sys
-import time
 
 from etcd_rdzv import AsyncEtcdRendezvousBackend, EtcdClient, EtcdConfig
 from etcd_rdzv.config import parse_endpoints
 from etcd_rdzv.testing import EtcdCluster
+from etcd_rdzv.testing.faults import Faults
 from etcd_rdzv.testing.history import History, run_clients
-
-
-async def inject_faults(cluster: EtcdCluster, seconds: float, rng: random.Random,
-                        faults: list[str]) -> None:
-    stop = time.monotonic() + seconds
-    while time.monotonic() < stop - 3:
-        await asyncio.sleep(rng.uniform(0.5, 2.0))
-        kind = rng.choice(["kill", "pause", "pause-leader"])
-        if kind == "kill":
-            victim = rng.randrange(len(cluster.members))
-            await asyncio.to_thread(cluster.kill, victim)
-            faults.append(f"kill {victim}")
-            await asyncio.sleep(rng.uniform(0.2, 1.5))
-            await asyncio.to_thread(cluster.restart, victim)
-            faults.append(f"restart {victim}")
-        else:
-            victim = await asyncio.to_thread(cluster.leader_index) if kind == "pause-leader" \
-                else rng.randrange(len(cluster.members))
-            cluster.pause(victim)
-            faults.append(f"pause {victim}")
-            await asyncio.sleep(rng.uniform(0.2, 1.5))
-            cluster.resume(victim)
-            faults.append(f"resume {victim}")
 
 
 async def soak(seconds: float, clients: int, seed: int) -> int:
@@ -54,9 +31,9 @@ async def soak(seconds: float, clients: int, seed: int) -> int:
             initial = await backends[0].set_state(b"initial")
             assert initial is not None
             history = History()
-            faults: list[str] = []
+            faults = Faults(cluster)
             await asyncio.gather(run_clients(history, backends, seconds, initial[1]),
-                                 inject_faults(cluster, seconds, rng, faults))
+                                 faults.at_random(seconds, rng))
         finally:
             for client in made:
                 await client.close()
@@ -65,7 +42,7 @@ async def soak(seconds: float, clients: int, seed: int) -> int:
     print(f"operations checked: {counts['operations']:,} ({counts['sets']:,} set_state, "
           f"{counts['gets']:,} get_state; {counts['successful_sets']:,} successful writes, "
           f"{counts['errors']:,} calls with an unknown outcome or error)")
-    print(f"faults injected: {len(faults)} ({', '.join(faults)})")
+    print(f"faults injected: {len(faults.log)} ({', '.join(faults.log)})")
     print(f"violations: {len(violations)}")
     for violation in violations[:20]:
         print("  ", violation)

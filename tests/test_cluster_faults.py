@@ -14,8 +14,9 @@ import pytest_asyncio
 from etcd_rdzv import AsyncEtcdRendezvousBackend, EtcdClient, EtcdConfig
 from etcd_rdzv.config import parse_endpoints
 from etcd_rdzv.testing import EtcdCluster
+from etcd_rdzv.testing.agents import run_agents
+from etcd_rdzv.testing.faults import Faults
 from etcd_rdzv.testing.history import History, run_clients
-from examples.rendezvous_demo import run_agents
 
 pytestmark = pytest.mark.slow
 
@@ -90,11 +91,8 @@ async def test_no_lost_or_duplicated_update_while_members_die_and_return(
         return successes
 
     tasks = [asyncio.create_task(writer(b)) for b in backends]
-    for victim in (0, 1, 2):
-        await asyncio.sleep(0.7)
-        await asyncio.to_thread(cluster.kill, victim)
-        await asyncio.sleep(0.7)
-        await asyncio.to_thread(cluster.restart, victim)
+    faults = Faults(cluster)
+    await faults.kill_each_in_turn(every=0.7, down_for=0.7)
     stop.set()
     successes = await asyncio.gather(*tasks)
     final = await backends[0].get_state()
@@ -129,27 +127,17 @@ async def test_history_under_faults_is_linearizable(
     initial = await backends[0].set_state(b"initial")
     assert initial is not None
     history = History()
-    faults: list[str] = []
+    faults = Faults(cluster)
 
     async def inject() -> None:
-        for victim in (0, 1, 2):
-            await asyncio.sleep(0.8)
-            await asyncio.to_thread(cluster.kill, victim)
-            faults.append(f"kill {victim}")
-            await asyncio.sleep(0.5)
-            await asyncio.to_thread(cluster.restart, victim)
-            faults.append(f"restart {victim}")
-        leader = await asyncio.to_thread(cluster.leader_index)
-        cluster.pause(leader)
-        faults.append(f"pause {leader}")
-        await asyncio.sleep(0.6)  # under the election timeout: still leader when it resumes
-        cluster.resume(leader)
-        faults.append(f"resume {leader}")
+        await faults.kill_each_in_turn(every=0.8, down_for=0.5)
+        # Under the election timeout: the leader is still leader when it resumes.
+        await faults.pause_and_resume(None, paused_for=0.6)
 
     await asyncio.gather(run_clients(history, backends, 7.0, initial[1]), inject())
     violations = history.check(initial=(b"initial", initial[1]))
     counts = history.counts
-    print(f"linearizability: {counts}, faults {faults}, violations {len(violations)}")
+    print(f"linearizability: {counts}, faults {faults.log}, violations {len(violations)}")
     assert violations == []
     assert counts["successful_sets"] > 50
-    assert len(faults) == 8
+    assert len(faults.log) == 8

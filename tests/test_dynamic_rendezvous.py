@@ -12,7 +12,7 @@ from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
 
 from etcd_rdzv.elastic import create_backend
 from etcd_rdzv.testing import EtcdServer
-from examples.rendezvous_demo import run_agents
+from etcd_rdzv.testing.agents import LOCAL_ADDR, run_agents
 
 AGENTS = 4
 
@@ -22,7 +22,7 @@ def test_four_agents_meet_in_one_round(etcd_server: EtcdServer, key_prefix: str)
     endpoint = etcd_server.get_endpoint()
     run_id = f"test-{uuid.uuid4().hex}"
 
-    # Each agent: etcd_rdzv.elastic.create_handler -> next_rendezvous -> barrier -> shutdown.
+    # Each agent: etcd_rdzv.elastic.create_handler -> next_rendezvous -> (all in) -> shutdown.
     results = run_agents(endpoint, run_id, AGENTS, timeout=60.0,
                          options={"key_prefix": key_prefix})
 
@@ -32,12 +32,12 @@ def test_four_agents_meet_in_one_round(etcd_server: EtcdServer, key_prefix: str)
     assert len({result.pid for result in results}) == AGENTS
     # Rank 0 published MASTER_ADDR/MASTER_PORT through the etcd store; every rank read it.
     assert len({(result.master_addr, result.master_port) for result in results}) == 1
-    assert results[0].master_addr == "127.0.0.1"
+    assert results[0].master_addr == LOCAL_ADDR
     assert all(result.shut_down for result in results)
 
     # The shutdown closed the rendezvous, as another handler of the same run sees in etcd.
     params = RendezvousParameters(backend="etcd-v3", endpoint=endpoint, run_id=run_id,
-                                  min_nodes=AGENTS, max_nodes=AGENTS, local_addr="127.0.0.1",
+                                  min_nodes=AGENTS, max_nodes=AGENTS, local_addr=LOCAL_ADDR,
                                   key_prefix=key_prefix)
     backend, store = create_backend(params)
     try:

@@ -1,33 +1,25 @@
 """``wait=watch``: torch's handler waking on etcd watches behaves as torch's stock one.
 
-Agents run as separate processes ("spawn"), each with torch's real handler over a real
-etcd; nothing here checks a duration. Stock (``wait=poll``) and fast (``wait=watch``) agents
-must see the same outcome: in separate runs of 2 and 8 agents, and within one run for the
-close and the join timeout.
+Agents run as separate processes (:mod:`etcd_rdzv.testing.agents`), each with torch's real
+handler over a real etcd; nothing here checks a duration. Stock (``wait=poll``) and fast
+(``wait=watch``) agents must see the same outcome: in separate runs of 2 and 8 agents, and
+within one run for the close and the join timeout.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import os
+import contextlib
 import pickle
-import queue
-import signal
 import time
-import traceback
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 import torch
-from torch.distributed.elastic.rendezvous import (
-    RendezvousClosedError,
-    RendezvousError,
-    RendezvousParameters,
-)
+from torch.distributed.elastic.rendezvous import RendezvousClosedError, RendezvousParameters
 from torch.distributed.elastic.rendezvous import dynamic_rendezvous as torch_dr
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
 
@@ -39,17 +31,20 @@ from etcd_rdzv.elastic.fast_handler import (
     is_fast_handler,
 )
 from etcd_rdzv.testing import EtcdServer
-from examples.rendezvous_demo import LOCAL_ADDR, AgentResult, run_agents
-
-if TYPE_CHECKING:
-    from multiprocessing.process import BaseProcess
-    from multiprocessing.queues import Queue
-    from multiprocessing.synchronize import Barrier
+from etcd_rdzv.testing.agents import (
+    LOCAL_ADDR,
+    AgentPool,
+    AgentResult,
+    AgentSpec,
+    RendezvousFailed,
+    build_handler,
+    next_rendezvous,
+    run_agents,
+    shutdown_handler,
+)
 
 #: A bound on every wait of the scenarios below, never reached when things work.
 SCENARIO_TIMEOUT = 90.0
-
-_Message = tuple[int, str, Any]
 
 
 def make_params(endpoint: str, run_id: str, key_prefix: str, *, min_nodes: int = 1,
@@ -73,115 +68,10 @@ def new_run_id() -> str:
 # --- agents in processes -------------------------------------------------------------------
 
 
-def _child_handler(endpoint: str, run_id: str, options: Mapping[str, Any]) -> Any:
-    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
-    config = dict(options)
-    min_nodes, max_nodes = int(config.pop("min_nodes")), int(config.pop("max_nodes"))
-    params = RendezvousParameters(backend="etcd-v3", endpoint=endpoint, run_id=run_id,
-                                  min_nodes=min_nodes, max_nodes=max_nodes,
-                                  local_addr=LOCAL_ADDR, **config)
-    return create_handler(params)
-
-
-def _world(handler: Any, info: Any) -> tuple[int, int, int]:
-    return info.rank, info.world_size, handler._state_holder.state.round
-
-
-def _leaving_agent(index: int, endpoint: str, run_id: str, options: Mapping[str, Any],
-                   victim: int, barriers: tuple[Barrier, Barrier, Barrier],
-                   messages: Queue[_Message]) -> None:
-    """Join round 0; then the victim dies (SIGKILL) and the others join the next round."""
-    started, all_joined, survivors_joined = barriers
-    try:
-        handler = _child_handler(endpoint, run_id, options)
-        messages.put((index, "fast", is_fast_handler(handler)))
-        started.wait(SCENARIO_TIMEOUT)
-        messages.put((index, "first", _world(handler, handler.next_rendezvous())))
-        # Nobody leaves before everyone has seen the complete round.
-        all_joined.wait(SCENARIO_TIMEOUT)
-        if index == victim:
-            messages.close()
-            messages.join_thread()
-            os.kill(os.getpid(), signal.SIGKILL)  # no shutdown, no more heartbeats
-        messages.put((index, "next", _world(handler, handler.next_rendezvous())))
-        survivors_joined.wait(SCENARIO_TIMEOUT)
-        messages.put((index, "done", handler.shutdown()))
-    except BaseException:
-        for barrier in barriers:
-            barrier.abort()
-        messages.put((index, "traceback", traceback.format_exc()))
-        raise SystemExit(1) from None
-
-
-def _waiting_agent(index: int, endpoint: str, run_id: str, options: Mapping[str, Any],
-                   messages: Queue[_Message]) -> None:
-    """Join a rendezvous that cannot complete; report how ``next_rendezvous`` ended."""
-    try:
-        handler = _child_handler(endpoint, run_id, options)
-        messages.put((index, "fast", is_fast_handler(handler)))
-        try:
-            handler.next_rendezvous()
-            outcome = "joined"
-        except RendezvousError as exc:
-            outcome = type(exc).__name__
-        messages.put((index, "done", outcome))
-    except BaseException:
-        messages.put((index, "traceback", traceback.format_exc()))
-        raise SystemExit(1) from None
-
-
-class Agents:
-    """Agent processes and what they reported: ``reports[key][index]``."""
-
-    def __init__(self) -> None:
-        self.context = multiprocessing.get_context("spawn")
-        self.messages: Queue[_Message] = self.context.Queue()
-        self.processes: list[BaseProcess] = []
-        self.reports: dict[str, dict[int, Any]] = {}
-
-    def start(self, target: Callable[..., None], *args_per_agent: tuple[Any, ...]) -> None:
-        for index, args in enumerate(args_per_agent):
-            process = self.context.Process(target=target, args=(index, *args, self.messages),
-                                           name=f"fast-handler-agent-{index}", daemon=True)
-            process.start()
-            self.processes.append(process)
-
-    def wait_for(self, key: str, indices: set[int]) -> dict[int, Any]:
-        """Wait until every agent in ``indices`` reported ``key``; fail on any traceback."""
-        deadline = time.monotonic() + SCENARIO_TIMEOUT
-        while not indices <= set(self.reports.get(key, {})):
-            try:
-                index, got, value = self.messages.get(timeout=0.2)
-            except queue.Empty:
-                missing = indices - set(self.reports.get(key, {}))
-                gone = [i for i in missing if self.processes[i].exitcode is not None]
-                if gone and self.messages.empty():
-                    pytest.fail(f"agents {gone} exited without reporting {key!r}")
-                if time.monotonic() > deadline:
-                    pytest.fail(f"agents {sorted(missing)} did not report {key!r} in time")
-                continue
-            if got == "traceback":
-                pytest.fail(f"agent {index} failed:\n{value}")
-            self.reports.setdefault(got, {})[index] = value
-        return {index: self.reports[key][index] for index in sorted(indices)}
-
-    def close(self) -> None:
-        for process in self.processes:
-            process.join(5.0)
-            if process.is_alive():
-                process.kill()
-                process.join()
-        self.messages.close()
-        self.messages.join_thread()
-
-
-@pytest.fixture
-def agents() -> Iterator[Agents]:
-    group = Agents()
-    try:
-        yield group
-    finally:
-        group.close()
+def worlds(outcomes: list[Any]) -> list[tuple[int, int, int]]:
+    """(rank, world size, round) of each agent; fails on an agent whose rendezvous failed."""
+    assert all(isinstance(o, AgentResult) for o in outcomes), outcomes
+    return [(o.rank, o.world_size, o.round) for o in outcomes]
 
 
 def participants(endpoint: str, run_id: str, key_prefix: str, *, at_least: int = 0) -> int:
@@ -244,67 +134,76 @@ def test_same_ranks_rounds_and_world_sizes_as_stock(etcd_server: EtcdServer, key
     assert seen == dict.fromkeys(waits, stock_outcome(n))
 
 
-def test_a_node_leaving_leads_to_a_smaller_next_round(etcd_server: EtcdServer, key_prefix: str,
-                                                      agents: Agents) -> None:
-    endpoint, run_id, n, victim = etcd_server.get_endpoint(), new_run_id(), 3, 2
+def test_a_node_leaving_leads_to_a_smaller_next_round(etcd_server: EtcdServer,
+                                                      key_prefix: str) -> None:
+    victim, survivors = 2, [0, 1]
     # A dead node is dropped 3 s after its last heartbeat; a round of 2 closes after the
     # 3 s last call, one of 3 at once.
-    options = {"key_prefix": key_prefix, "wait": "watch", "min_nodes": 2, "max_nodes": n,
-               "keep_alive_interval": 1, "keep_alive_max_attempt": 3,
-               "last_call_timeout": 3, "join_timeout": 60}
-    barriers = (agents.context.Barrier(n), agents.context.Barrier(n),
-                agents.context.Barrier(n - 1))
-    agents.start(_leaving_agent,
-                 *[(endpoint, run_id, options, victim, barriers) for _ in range(n)])
+    spec = AgentSpec(etcd_server.get_endpoint(), new_run_id(), 2, 3, {
+        "key_prefix": key_prefix, "wait": "watch", "keep_alive_interval": 1,
+        "keep_alive_max_attempt": 3, "last_call_timeout": 3, "join_timeout": 60})
+    with AgentPool(3) as pool:
+        setups = pool.call(build_handler, spec)
+        assert [setup.fast_handler for setup in setups] == [True] * 3
 
-    assert agents.wait_for("fast", set(range(n))) == dict.fromkeys(range(n), True)
-    first = agents.wait_for("first", set(range(n)))
-    assert sorted(rank for rank, _, _ in first.values()) == [0, 1, 2]
-    assert {(world, round_) for _, world, round_ in first.values()} == {(3, 0)}
+        first = worlds(pool.call(next_rendezvous, timeout=SCENARIO_TIMEOUT))
+        assert sorted(rank for rank, _, _ in first) == [0, 1, 2]
+        assert {(world, round_) for _, world, round_ in first} == {(3, 0)}
 
-    survivors = set(range(n)) - {victim}
-    following = agents.wait_for("next", survivors)
-    assert sorted(rank for rank, _, _ in following.values()) == [0, 1]
-    assert {(world, round_) for _, world, round_ in following.values()} == {(2, 1)}
-    assert agents.wait_for("done", survivors) == dict.fromkeys(survivors, True)
-    agents.processes[victim].join(SCENARIO_TIMEOUT)
-    assert agents.processes[victim].exitcode == -signal.SIGKILL
+        # Once everyone has seen the complete round, the victim dies: no shutdown, no heartbeat.
+        pool.kill(victim)
+        following = worlds(pool.call(next_rendezvous, workers=survivors,
+                                      timeout=SCENARIO_TIMEOUT))
+        assert sorted(rank for rank, _, _ in following) == [0, 1]
+        assert {(world, round_) for _, world, round_ in following} == {(2, 1)}
+        assert pool.call(shutdown_handler, workers=survivors) == [True, True]
+
+
+@contextlib.contextmanager
+def waiting_agents(endpoint: str, run_id: str, options: dict[str, object]
+                   ) -> Iterator[AgentPool]:
+    """A fast (worker 0) and a stock (worker 1) agent in ``next_rendezvous`` for a round of 3
+    that cannot complete; gather their outcomes from the pool."""
+    with AgentPool(2) as pool:
+        for worker, wait in ((0, "watch"), (1, "poll")):
+            spec = AgentSpec(endpoint, run_id, 3, 3, {**options, "wait": wait})
+            pool.submit(build_handler, spec, workers=[worker])
+        assert [setup.fast_handler for setup in pool.gather()] == [True, False]
+        pool.submit(next_rendezvous)
+        yield pool
+
+
+def failures(outcomes: list[Any]) -> list[str]:
+    assert all(isinstance(o, RendezvousFailed) for o in outcomes), outcomes
+    return [o.error for o in outcomes]
 
 
 def test_closing_wakes_waiting_agents_with_closed_error(etcd_server: EtcdServer,
-                                                        key_prefix: str,
-                                                        agents: Agents) -> None:
+                                                        key_prefix: str) -> None:
     endpoint, run_id = etcd_server.get_endpoint(), new_run_id()
-    # Three needed, two come: a fast and a stock agent wait in the same run.
-    options = {"key_prefix": key_prefix, "min_nodes": 3, "max_nodes": 3, "join_timeout": 60}
-    agents.start(_waiting_agent, (endpoint, run_id, {**options, "wait": "watch"}),
-                 (endpoint, run_id, {**options, "wait": "poll"}))
-    assert agents.wait_for("fast", {0, 1}) == {0: True, 1: False}
-    assert participants(endpoint, run_id, key_prefix, at_least=2) == 2
+    options: dict[str, object] = {"key_prefix": key_prefix, "join_timeout": 60}
+    with waiting_agents(endpoint, run_id, options) as pool:
+        assert participants(endpoint, run_id, key_prefix, at_least=2) == 2
 
-    params = make_params(endpoint, run_id, key_prefix, min_nodes=3, max_nodes=3, wait="watch")
-    closer = dynamic_handler(params)
-    assert is_fast_handler(closer)
-    closer.set_closed()
+        params = make_params(endpoint, run_id, key_prefix, min_nodes=3, max_nodes=3,
+                             wait="watch")
+        closer = dynamic_handler(params)
+        assert is_fast_handler(closer)
+        closer.set_closed()
 
-    assert agents.wait_for("done", {0, 1}) == {0: "RendezvousClosedError",
-                                               1: "RendezvousClosedError"}
+        assert failures(pool.gather(timeout=SCENARIO_TIMEOUT)) == ["RendezvousClosedError"] * 2
     assert closer.is_closed()
     late = dynamic_handler(params)
     with pytest.raises(RendezvousClosedError):
         late.next_rendezvous()
 
 
-def test_join_timeout_raises_the_same_error_as_stock(etcd_server: EtcdServer, key_prefix: str,
-                                                     agents: Agents) -> None:
+def test_join_timeout_raises_the_same_error_as_stock(etcd_server: EtcdServer,
+                                                     key_prefix: str) -> None:
     endpoint, run_id = etcd_server.get_endpoint(), new_run_id()
-    options = {"key_prefix": key_prefix, "min_nodes": 3, "max_nodes": 3, "join_timeout": 2}
-    agents.start(_waiting_agent, (endpoint, run_id, {**options, "wait": "watch"}),
-                 (endpoint, run_id, {**options, "wait": "poll"}))
-
-    assert agents.wait_for("fast", {0, 1}) == {0: True, 1: False}
-    assert agents.wait_for("done", {0, 1}) == {0: "RendezvousTimeoutError",
-                                               1: "RendezvousTimeoutError"}
+    options: dict[str, object] = {"key_prefix": key_prefix, "join_timeout": 2}
+    with waiting_agents(endpoint, run_id, options) as pool:
+        assert failures(pool.gather(timeout=SCENARIO_TIMEOUT)) == ["RendezvousTimeoutError"] * 2
     # Both rolled themselves back out of the round on their way out.
     assert participants(endpoint, run_id, key_prefix) == 0
 
