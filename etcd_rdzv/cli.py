@@ -26,11 +26,12 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import aclosing
+from dataclasses import dataclass
 from types import FrameType
 from typing import IO, Any
 
 from . import __version__
-from .config import DEFAULT_KEY_PREFIX, DEFAULT_PORT, DEFAULT_TTL, RendezvousConfig
+from .config import DEFAULT_KEY_PREFIX, DEFAULT_PORT, DEFAULT_TTL, Endpoint, RendezvousConfig
 from .errors import (
     EtcdAuthError,
     EtcdRendezvousError,
@@ -74,6 +75,8 @@ EXIT_CODES = {
 
 #: The environment variable ``--endpoints`` defaults to.
 ENDPOINTS_ENV_VAR = "ETCD_RDZV_ENDPOINTS"
+#: The endpoint without ``--endpoints`` or ``$ETCD_RDZV_ENDPOINTS``: torch's default.
+DEFAULT_ENDPOINT = f"localhost:{DEFAULT_PORT}"
 #: The CLI's default ``--timeout``: shorter than the backend's 60 s, for a person waiting.
 DEFAULT_CLI_TIMEOUT = 10
 DEFAULT_OLDER_THAN = "1h"
@@ -199,9 +202,9 @@ def _connection_flags() -> _Parser:
         "connection", "As the create_backend options of the same meaning (docs/configuration.md)."
     )
     group.add_argument("--endpoints", metavar="H:P[,H:P...]",
-                       default=os.environ.get(ENDPOINTS_ENV_VAR),
+                       default=None,
                        help=f"etcd client endpoints, comma-separated (--rdzv-endpoint); default "
-                            f"${ENDPOINTS_ENV_VAR}, else localhost:2379")
+                            f"${ENDPOINTS_ENV_VAR}, else {DEFAULT_ENDPOINT}")
     group.add_argument("--key-prefix", metavar="PREFIX",
                        help=f"where the runs' keys live (key_prefix); default {DEFAULT_KEY_PREFIX}")
     group.add_argument("--protocol", choices=("http", "https"),
@@ -310,6 +313,42 @@ def _build_parser() -> _Parser:
 
 # --- running commands -----------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class _Endpoints:
+    """The endpoints to use, and where they came from, for the messages."""
+
+    value: str
+    origin: str
+    """``--endpoints``, ``$ETCD_RDZV_ENDPOINTS`` or ``default``."""
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> _Endpoints:
+        """From ``--endpoints``, else the environment, else the default; empty is an error."""
+        env = os.environ.get(ENDPOINTS_ENV_VAR)
+        if args.endpoints is not None:
+            if not args.endpoints.strip():
+                raise _UsageError(
+                    f"etcd-rdzv: --endpoints {args.endpoints!r} is empty: give H:P[,H:P...], or "
+                    f"leave it out to use ${ENDPOINTS_ENV_VAR} "
+                    + (f"({env!r})" if env is not None else f"(unset; else {DEFAULT_ENDPOINT})"))
+            return cls(args.endpoints, "--endpoints")
+        if env is not None:
+            if not env.strip():
+                raise _UsageError(
+                    f"etcd-rdzv: ${ENDPOINTS_ENV_VAR} is set but empty ({env!r}): set it to "
+                    f"H:P[,H:P...], unset it for {DEFAULT_ENDPOINT}, or give --endpoints")
+            return cls(env, f"${ENDPOINTS_ENV_VAR}")
+        return cls(DEFAULT_ENDPOINT, "default")
+
+    def __str__(self) -> str:
+        """The endpoints, where they came from and how to change them, for a message."""
+        if self.origin == "default":
+            return (f"endpoints {self.value} (the default: neither --endpoints nor "
+                    f"${ENDPOINTS_ENV_VAR} is set; set one, or start a development etcd with "
+                    "`etcd-rdzv serve`)")
+        return f"endpoints {self.value} (from {self.origin})"
+
+
 def _config(args: argparse.Namespace, run_id: str | None) -> RendezvousConfig:
     tls = args.ca_cert or args.cert or args.key
     options = {
@@ -326,12 +365,13 @@ def _config(args: argparse.Namespace, run_id: str | None) -> RendezvousConfig:
     try:
         # list and cleanup name no run; any valid id serves.
         return RendezvousConfig.from_options(
-            args.endpoints, run_id if run_id is not None else "-",
+            args.endpoints_given.value, run_id if run_id is not None else "-",
             {name: value for name, value in options.items() if value is not None},
         )
     except ValueError as exc:
         message = str(exc)
-        flags = [flag for option, flag in _FLAG_OF_OPTION.items()
+        flag_of_option = {**_FLAG_OF_OPTION, "endpoint": args.endpoints_given.origin}
+        flags = [flag for option, flag in flag_of_option.items()
                  if re.search(rf"\b{option}[=' ]", message) and flag not in message]
         hint = f" (set by {' and '.join(dict.fromkeys(flags))})" if flags else ""
         raise _UsageError(f"etcd-rdzv: {message}{hint}") from None
@@ -341,36 +381,92 @@ def _admin_call(args: argparse.Namespace, run_id: str | None,
                 body: Callable[[Any, RendezvousConfig], Awaitable[int]]) -> int:
     """Run ``body(admin, config)`` in a fresh event loop with a client that is closed after.
 
-    A long-running command (:data:`_UNTIL_SIGNAL`) is cancelled by SIGINT or SIGTERM and
-    then exits 0, its client closed.
+    Beside it, :func:`_probe_endpoints` tells the person at once about an endpoint that
+    refuses connections or does not resolve. A long-running command (:data:`_UNTIL_SIGNAL`)
+    is cancelled by SIGINT or SIGTERM and then exits 0, its client closed.
     """
     config = _config(args, run_id)
+    given: _Endpoints = args.endpoints_given
 
     async def run() -> int:
         from ._connection import EtcdClient
         from .admin import RendezvousAdmin
 
+        task = asyncio.current_task()
+        assert task is not None
         stopped_by: list[int] = []
         if args.command in _UNTIL_SIGNAL:
-            loop, task = asyncio.get_running_loop(), asyncio.current_task()
-            assert task is not None
-
             def stop(signum: int) -> None:
                 stopped_by.append(signum)
                 task.cancel()
 
             for signum in _STOP_SIGNALS:
-                loop.add_signal_handler(signum, stop, signum)
+                asyncio.get_running_loop().add_signal_handler(signum, stop, signum)
+        failed: list[EtcdRendezvousError] = []
+
+        async def probe() -> None:
+            until = "Ctrl-C" if args.command in _UNTIL_SIGNAL else \
+                f"--timeout ({config.etcd.read_timeout:g} s)"
+            try:
+                await _probe_endpoints(config.etcd.endpoints, given, until)
+            except EtcdRendezvousError as exc:
+                failed.append(exc)
+                task.cancel()
+
+        probing = asyncio.create_task(probe())
         try:
             async with EtcdClient(config.etcd) as client:
                 admin = RendezvousAdmin(client, config.key_prefix, ttl=config.ttl)
                 return await body(admin, config)
+        except UnavailableError as exc:
+            raise UnavailableError(f"{exc} Using the {given}.") from exc
         except asyncio.CancelledError:
+            if failed:
+                raise failed[0] from None
             if stopped_by:
                 return EXIT_OK
             raise
+        finally:
+            probing.cancel()
 
     return asyncio.run(run())
+
+
+async def _probe_endpoints(endpoints: Sequence[Endpoint], given: _Endpoints, until: str) -> None:
+    """Say at once what the client would only report at its deadline.
+
+    An endpoint whose every address refuses the connection gets one line on stderr, and the
+    command goes on trying (etcd may be starting). When no endpoint resolves (and the
+    resolver does not call it temporary), raises :class:`UnavailableError`.
+    """
+    loop = asyncio.get_running_loop()
+    refused: list[str] = []
+    unresolved: list[str] = []
+    for endpoint in endpoints:
+        try:
+            addresses = await loop.getaddrinfo(endpoint.host, endpoint.port,
+                                               type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            if exc.errno == socket.EAI_AGAIN:
+                return
+            unresolved.append(f"{endpoint} does not resolve ({exc.strerror})")
+            continue
+        for family, kind, proto, _, address in addresses:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setblocking(False)
+                try:
+                    await loop.sock_connect(sock, address)
+                except ConnectionRefusedError:
+                    continue
+                except OSError:
+                    return  # unreachable some other way: the client's error will say how
+                return  # something listens
+        refused.append(str(endpoint))
+    if not refused:
+        raise UnavailableError(f"The etcd endpoint {'; '.join(unresolved)}. Using the {given}.")
+    also = "".join(f"; {text}" for text in unresolved)
+    _print(f"etcd-rdzv: nothing listens at {', '.join(refused)} yet (connection refused{also}); "
+           f"trying until {until}. Using the {given}.", file=sys.stderr)
 
 
 def _print(text: str = "", file: IO[str] | None = None) -> None:
@@ -668,6 +764,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, _interrupt)
         if command == "serve":
             return _serve(args)
+        args.endpoints_given = _Endpoints.of(args)
         body = _COMMANDS[command]
         return _admin_call(args, getattr(args, "run_id", None),
                            lambda admin, config: body(args, admin, config))
