@@ -4,11 +4,9 @@ close (a live torch handler sees it) and delete."""
 from __future__ import annotations
 
 import asyncio
-import builtins
 import pickle
 import time
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -30,24 +28,39 @@ from etcd_rdzv import (
     RunNotFoundError,
     StateSnapshot,
 )
-from etcd_rdzv.config import parse_endpoints
 from etcd_rdzv.elastic import create_backend
+from etcd_rdzv.keys import RunKeys
 from etcd_rdzv.testing import EtcdServer
-from etcd_rdzv.testing.states import torch_state
+from etcd_rdzv.testing.states import WritesMarker, torch_state
 
 
-def run_name() -> str:
-    return f"run-{uuid.uuid4().hex[:8]}"
+def run_store(backend: AsyncEtcdRendezvousBackend, run_id: str, key_prefix: str
+              ) -> AsyncEtcdStore:
+    """The store of ``run_id``, sharing ``backend``'s client and lease."""
+    return AsyncEtcdStore(backend.client, RunKeys(run_id, key_prefix).store_prefix,
+                          backend.lease)
 
 
 async def write_run(client: EtcdClient, key_prefix: str, run_id: str, nodes: int = 2,
                     store_keys: int = 0, ttl: int = 600) -> AsyncEtcdRendezvousBackend:
     backend = AsyncEtcdRendezvousBackend(client, run_id, key_prefix=key_prefix, ttl=ttl)
     assert await backend.set_state(torch_state(nodes)) is not None
-    store = AsyncEtcdStore(client, f"{key_prefix}/{run_id}/store/".encode(), backend.lease)
+    store = run_store(backend, run_id, key_prefix)
     for index in range(store_keys):
         await store.set(f"key{index}", f"value{index}")
     return backend
+
+
+async def write_states(backend: AsyncEtcdRendezvousBackend, node_counts: Iterable[int],
+                       token: int | None = None) -> list[int]:
+    """Write a torch state of each node count in turn, each over the last; their revisions."""
+    revisions = []
+    for nodes in node_counts:
+        result = await backend.set_state(torch_state(nodes), token)
+        assert result is not None and result[2]
+        token = result[1]
+        revisions.append(token)
+    return revisions
 
 
 async def next_snapshot(iterator: AsyncIterator[StateSnapshot],
@@ -66,9 +79,7 @@ async def test_list_runs_reports_each_run_with_revision_lease_and_size(
     backend = await write_run(etcd_client, key_prefix, "alpha", nodes=3, store_keys=2)
     await write_run(etcd_client, key_prefix, "beta", nodes=1)
     # Store keys without a state (the state was deleted first), and keys of another layout.
-    store_only = AsyncEtcdStore(etcd_client, f"{key_prefix}/gamma/store/".encode(),
-                                backend.lease)
-    await store_only.set("k", "v")
+    await run_store(backend, "gamma", key_prefix).set("k", "v")
     deadline = Deadline.after(5)
     await etcd_client.put(f"{key_prefix}/team/nested/other".encode(), b"x", 0, deadline)
 
@@ -84,9 +95,9 @@ async def test_list_runs_reports_each_run_with_revision_lease_and_size(
     assert alpha.last_revision > alpha.revision  # the store keys came after the state
     assert alpha.lease != 0 and alpha.state_bytes > len(torch_state(3)) // 2
     assert alpha.state is not None and alpha.state.world_size == 3 and alpha.error is None
-    # Just written: idle ~0 s, and the keys live ttl + window (600 + 60 s).
+    # Just written: idle ~0 s, and the keys live ttl to ttl + the lease window.
     assert alpha.idle_seconds is not None and alpha.idle_seconds < 5
-    assert alpha.ttl_left is not None and 600 <= alpha.ttl_left <= 660
+    assert alpha.ttl_left is not None and 600 <= alpha.ttl_left <= 600 + backend.lease.window
 
     gamma = runs["gamma"]
     assert gamma.revision is None and gamma.state is None and gamma.store_keys == 1
@@ -97,13 +108,8 @@ async def test_list_runs_flags_a_state_it_cannot_decode(
     etcd_client: EtcdClient, key_prefix: str, tmp_path: Path
 ) -> None:
     marker = tmp_path / "ran"
-
-    class Exec:
-        def __reduce__(self) -> tuple[Any, ...]:
-            return builtins.exec, (f"open({str(marker)!r}, 'w')",)
-
     backend = AsyncEtcdRendezvousBackend(etcd_client, "evil", key_prefix=key_prefix)
-    await backend.set_state(pickle.dumps(Exec()))
+    await backend.set_state(pickle.dumps(WritesMarker(marker)))
     admin = RendezvousAdmin(etcd_client, key_prefix)
 
     [run] = await admin.list_runs()
@@ -137,26 +143,19 @@ async def test_status_and_snapshot(etcd_client: EtcdClient, key_prefix: str) -> 
 async def test_watch_yields_the_state_then_each_change_in_order(
     etcd_client: EtcdClient, etcd_config: EtcdConfig, key_prefix: str
 ) -> None:
-    run_id = run_name()
-    backend = AsyncEtcdRendezvousBackend(etcd_client, run_id, key_prefix=key_prefix)
+    backend = AsyncEtcdRendezvousBackend(etcd_client, "job", key_prefix=key_prefix)
     async with EtcdClient(etcd_config) as watch_client:
         admin = RendezvousAdmin(watch_client, key_prefix)
-        async with aclosing(admin.watch_state(run_id)) as snapshots:
+        async with aclosing(admin.watch_state("job")) as snapshots:
             first = await next_snapshot(snapshots)
             assert first.state is None  # not created yet
 
-            revisions = []
-            token = None
-            for nodes in (1, 2, 3):
-                result = await backend.set_state(torch_state(nodes), token)
-                assert result is not None and result[2]
-                token = result[1]
-                revisions.append(token)
+            revisions = await write_states(backend, (1, 2, 3))
             seen = [await next_snapshot(snapshots) for _ in range(3)]
             assert [s.revision for s in seen] == revisions
             assert [s.state.world_size for s in seen if s.state is not None] == [1, 2, 3]
 
-            await RendezvousAdmin(etcd_client, key_prefix).delete_run(run_id)
+            await RendezvousAdmin(etcd_client, key_prefix).delete_run("job")
             deleted = await next_snapshot(snapshots)
             assert deleted.state is None and deleted.revision > revisions[-1]
 
@@ -164,23 +163,16 @@ async def test_watch_yields_the_state_then_each_change_in_order(
 async def test_watch_resumes_after_the_stream_breaks_without_losing_or_repeating(
     etcd_client: EtcdClient, etcd_config: EtcdConfig, key_prefix: str
 ) -> None:
-    run_id = run_name()
-    backend = await write_run(etcd_client, key_prefix, run_id, nodes=1)
+    backend = await write_run(etcd_client, key_prefix, "job", nodes=1)
     async with EtcdClient(etcd_config) as watch_client:
         admin = RendezvousAdmin(watch_client, key_prefix)
-        async with aclosing(admin.watch_state(run_id)) as snapshots:
+        async with aclosing(admin.watch_state("job")) as snapshots:
             first = await next_snapshot(snapshots)
             assert first.state is not None and first.state.world_size == 1
-            token = first.revision
             # Close the watch's channel under it: the stream breaks (CANCELLED/UNAVAILABLE),
             # and the watch must come back from the revision after the last one it yielded.
             await watch_client.close()
-            revisions = []
-            for nodes in (2, 3, 4, 5):
-                result = await backend.set_state(torch_state(nodes), token)
-                assert result is not None and result[2]
-                token = result[1]
-                revisions.append(token)
+            revisions = await write_states(backend, (2, 3, 4, 5), first.revision)
             seen = [await next_snapshot(snapshots) for _ in range(4)]
             assert [s.revision for s in seen] == revisions
             assert [s.state.world_size for s in seen if s.state is not None] == [2, 3, 4, 5]
@@ -188,8 +180,7 @@ async def test_watch_resumes_after_the_stream_breaks_without_losing_or_repeating
 
 async def test_watch_survives_an_etcd_restart(tmp_path: Path) -> None:
     with EtcdServer() as server:
-        config = EtcdConfig(endpoints=parse_endpoints(server.get_endpoint()), read_timeout=5,
-                            request_timeout=1)
+        config = server.client_config(read_timeout=5, request_timeout=1)
         async with EtcdClient(config) as writer, EtcdClient(config) as watch_client:
             backend = await write_run(writer, "/restart", "job", nodes=1)
             admin = RendezvousAdmin(watch_client, "/restart")
@@ -208,21 +199,15 @@ async def test_watch_survives_an_etcd_restart(tmp_path: Path) -> None:
 async def test_watch_falls_back_to_a_read_when_history_is_compacted() -> None:
     # Compaction covers etcd's whole keyspace: this etcd is the test's own.
     with EtcdServer() as server:
-        config = EtcdConfig(endpoints=parse_endpoints(server.get_endpoint()), read_timeout=5)
+        config = server.client_config(read_timeout=5)
         async with EtcdClient(config) as client, EtcdClient(config) as watch_client:
             backend = AsyncEtcdRendezvousBackend(client, "job", key_prefix="/compacted")
-            first = await backend.set_state(torch_state(1))
-            assert first is not None
-            token = first[1]
-            for nodes in (2, 3):
-                result = await backend.set_state(torch_state(nodes), token)
-                assert result is not None
-                token = result[1]
+            first, _, token = await write_states(backend, (1, 2, 3))
             assert await client.compact(token, Deadline.after(5))
 
             admin = RendezvousAdmin(watch_client, "/compacted")
             # Resuming after the first write: that history is gone, so the state is read.
-            async with aclosing(admin.watch_state("job", start_revision=first[1] + 1)) \
+            async with aclosing(admin.watch_state("job", start_revision=first + 1)) \
                     as snapshots:
                 current = await next_snapshot(snapshots)
                 assert current.revision == token
@@ -236,9 +221,9 @@ async def test_watch_falls_back_to_a_read_when_history_is_compacted() -> None:
 # --- close --------------------------------------------------------------------------------------
 
 def test_close_run_makes_a_live_torch_handler_see_it_closed(
-    etcd_server: EtcdServer, key_prefix: str
+    etcd_server: EtcdServer, etcd_config: EtcdConfig, key_prefix: str
 ) -> None:
-    run_id = run_name()
+    run_id = "job"
     params = RendezvousParameters(
         backend="etcd-v3", endpoint=etcd_server.get_endpoint(), run_id=run_id, min_nodes=1,
         max_nodes=1, local_addr="127.0.0.1", key_prefix=key_prefix, read_timeout="10",
@@ -251,9 +236,7 @@ def test_close_run_makes_a_live_torch_handler_see_it_closed(
         assert not handler.is_closed()
 
         async def close() -> tuple[bool, bool, Any]:
-            config = EtcdConfig(endpoints=parse_endpoints(etcd_server.get_endpoint()),
-                                read_timeout=10)
-            async with EtcdClient(config) as client:
+            async with EtcdClient(etcd_config) as client:
                 admin = RendezvousAdmin(client, key_prefix)
                 before = await admin.status(run_id)
                 closed = await admin.close_run(run_id)
@@ -283,7 +266,7 @@ async def test_close_run_retries_when_agents_keep_writing(
 ) -> None:
     """Writers rewrite the state (read, modify, CAS) as torch's heartbeats do; closing wins
     anyway, and the writers, which keep what they read, keep it closed."""
-    run_id = run_name()
+    run_id = "job"
     await write_run(etcd_client, key_prefix, run_id, nodes=4)
     stop = asyncio.Event()
     writes = 0
@@ -340,8 +323,7 @@ async def test_delete_run_keeps_a_run_written_since_the_listing(
     admin = RendezvousAdmin(etcd_client, key_prefix)
     [listed] = await admin.list_runs()
 
-    store = AsyncEtcdStore(etcd_client, f"{key_prefix}/job/store/".encode(), backend.lease)
-    await store.set("late", "write")
+    await run_store(backend, "job", key_prefix).set("late", "write")
     assert await admin.delete_run("job", unchanged_since=listed.last_revision) is None
     assert (await admin.status("job")) is not None
 

@@ -1,12 +1,17 @@
-"""Realistic torch rendezvous states for tests and benchmarks (needs torch)."""
+"""Torch rendezvous states for tests and benchmarks: realistic ones (needs torch), and the
+pickle an attacker would store instead.
+"""
 
 from __future__ import annotations
 
+import builtins
 import datetime
 import pickle
 import random
+from pathlib import Path
+from typing import Any
 
-__all__ = ["torch_state"]
+__all__ = ["WritesMarker", "torch_state"]
 
 
 def torch_state(nodes: int, *, seed: int | None = None) -> bytes:
@@ -29,3 +34,14 @@ def torch_state(nodes: int, *, seed: int | None = None) -> bytes:
         state.participants[node] = index
         state.last_heartbeats[node] = now - datetime.timedelta(microseconds=rng.randrange(10**7))
     return pickle.dumps(state)
+
+
+class WritesMarker:
+    """Unpickles as ``exec`` of code that writes ``ran`` to ``marker``: what an attacker with
+    write access to the state key would store. A test checks that ``marker`` stays absent."""
+
+    def __init__(self, marker: Path) -> None:
+        self.code = f"open({str(marker)!r}, 'w').write('ran')"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return builtins.exec, (self.code,)
