@@ -24,7 +24,6 @@ from etcd_rdzv import (
     EtcdConfig,
     EtcdConnectionError,
 )
-from etcd_rdzv.config import parse_endpoints
 from etcd_rdzv.elastic import create_backend
 from etcd_rdzv.testing import EtcdCluster, EtcdServer, TlsCertificates, make_certificates
 
@@ -45,9 +44,8 @@ def mtls_server(certs: TlsCertificates) -> Iterator[EtcdServer]:
         yield server
 
 
-def config(endpoint: str, **options: Any) -> EtcdConfig:
-    return EtcdConfig(endpoints=parse_endpoints(endpoint), read_timeout=5.0,
-                      request_timeout=1.0, **options)
+def config(server: EtcdCluster, **options: Any) -> EtcdConfig:
+    return server.client_config(read_timeout=5.0, request_timeout=1.0, **options)
 
 
 async def write_once(cfg: EtcdConfig, run_id: str = "run") -> tuple[bytes, int, bool] | None:
@@ -59,7 +57,7 @@ async def test_mtls_with_the_right_certificates_works(
     mtls_server: EtcdServer, certs: TlsCertificates
 ) -> None:
     result = await write_once(config(
-        mtls_server.get_endpoint(), protocol="https", ca_cert=certs.ca_cert,
+        mtls_server, protocol="https", ca_cert=certs.ca_cert,
         ssl_cert=certs.client_cert, ssl_cert_key=certs.client_key), run_id=uuid.uuid4().hex)
     assert result is not None and result[2]
 
@@ -88,7 +86,7 @@ async def test_tls_misconfigurations_fail_fast_saying_which(
     }[case]
     started = time.monotonic()
     with pytest.raises(EtcdConnectionError, match=re.escape(message)) as info:
-        await write_once(config(mtls_server.get_endpoint(), **options))
+        await write_once(config(mtls_server, **options))
     assert not isinstance(info.value, EtcdAuthError)
     assert time.monotonic() - started < 5.0  # fails at once, not after read_timeout's retries
 
@@ -119,7 +117,7 @@ def test_create_backend_with_a_wrong_ca_raises_a_connection_error_naming_it(
 
 async def test_tls_over_several_endpoints(certs: TlsCertificates) -> None:
     with EtcdCluster(3, tls=certs) as cluster:
-        result = await write_once(config(cluster.get_endpoint(), protocol="https",
+        result = await write_once(config(cluster, protocol="https",
                                          ca_cert=certs.ca_cert))
         assert result is not None and result[2]
 
@@ -135,14 +133,14 @@ def auth_server() -> Iterator[EtcdServer]:
 async def test_expired_token_is_renewed_transparently(
     auth_server: EtcdServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = config(auth_server.get_endpoint(), username="alice", password="alice-secret")
+    cfg = config(auth_server, username="alice", password="alice-secret")
     async with EtcdClient(cfg) as client:
         backend = AsyncEtcdRendezvousBackend(client, uuid.uuid4().hex, key_prefix="/jobs")
         first = await backend.set_state(b"before")
         assert first is not None
         # Simple tokens expire after --auth-token-ttl idle seconds, swept once a second.
         await asyncio.sleep(3.5)
-        with caplog.at_level(logging.INFO, logger="etcd_rdzv._connection"):
+        with caplog.at_level(logging.INFO, logger="etcd_rdzv"):
             assert await backend.get_state() == (b"before", first[1])
             second = await backend.set_state(b"after", first[1])
         assert second is not None and second[2]
@@ -152,7 +150,7 @@ async def test_expired_token_is_renewed_transparently(
 async def test_a_role_on_another_prefix_gets_a_permission_error_at_once(
     auth_server: EtcdServer,
 ) -> None:
-    cfg = config(auth_server.get_endpoint(), username="alice", password="alice-secret")
+    cfg = config(auth_server, username="alice", password="alice-secret")
     async with EtcdClient(cfg) as client:
         backend = AsyncEtcdRendezvousBackend(client, "run", key_prefix="/not-hers")
         started = time.monotonic()
@@ -163,7 +161,7 @@ async def test_a_role_on_another_prefix_gets_a_permission_error_at_once(
 
 
 async def test_a_wrong_password_is_named(auth_server: EtcdServer) -> None:
-    cfg = config(auth_server.get_endpoint(), username="alice", password="nope")
+    cfg = config(auth_server, username="alice", password="nope")
     with pytest.raises(EtcdAuthError, match="rejected the credentials of user 'alice'"):
         await write_once(cfg)
 
