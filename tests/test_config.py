@@ -21,6 +21,12 @@ def parse(endpoint: str | None = "localhost:2379", **options: Any) -> Rendezvous
     return RendezvousConfig.from_options(endpoint, "run", options)
 
 
+def written(path: Path, text: str = "x") -> str:
+    """``path``, as an option value, after writing ``text`` to it."""
+    path.write_text(text)
+    return str(path)
+
+
 def test_defaults_match_torch_etcd_v2() -> None:
     config = parse()
     assert config.etcd.read_timeout == 60
@@ -114,18 +120,15 @@ def test_bad_options_name_the_option_and_value(options: dict[str, Any], message:
 
 
 def test_tls_files_need_https(tmp_path: Path) -> None:
-    ca = tmp_path / "ca.pem"
-    ca.write_text("x")
+    ca = written(tmp_path / "ca.pem")
     with pytest.raises(ValueError, match=r"ca_cert='.*ca.pem' needs protocol=https"):
-        parse(ca_cert=str(ca))
-    assert parse(ca_cert=str(ca), protocol="HTTPS").etcd.ca_cert == ca
+        parse(ca_cert=ca)
+    assert parse(ca_cert=ca, protocol="HTTPS").etcd.ca_cert == Path(ca)
 
 
 def test_ssl_cert_key_needs_ssl_cert(tmp_path: Path) -> None:
-    key = tmp_path / "k.pem"
-    key.write_text("x")
     with pytest.raises(ValueError, match=r"ssl_cert_key=.* needs ssl_cert"):
-        parse(protocol="https", ssl_cert_key=str(key))
+        parse(protocol="https", ssl_cert_key=written(tmp_path / "k.pem"))
 
 
 def test_unreadable_tls_file_is_named(tmp_path: Path) -> None:
@@ -136,18 +139,14 @@ def test_unreadable_tls_file_is_named(tmp_path: Path) -> None:
 
 
 def test_password_comes_from_a_file(tmp_path: Path) -> None:
-    secret = tmp_path / "pw"
-    secret.write_text("s3cret\n")
-    config = parse(username="alice", password_file=str(secret))
+    config = parse(username="alice", password_file=written(tmp_path / "pw", "s3cret\n"))
     assert (config.etcd.username, config.etcd.password) == ("alice", "s3cret")
     assert "s3cret" not in repr(config)
 
 
 def test_empty_password_file_is_refused(tmp_path: Path) -> None:
-    secret = tmp_path / "pw"
-    secret.write_text("\n")
     with pytest.raises(ValueError, match=r"password_file=.* is empty"):
-        parse(username="alice", password_file=str(secret))
+        parse(username="alice", password_file=written(tmp_path / "pw", "\n"))
 
 
 def test_password_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -156,10 +155,8 @@ def test_password_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_password_without_username_is_refused(tmp_path: Path) -> None:
-    secret = tmp_path / "pw"
-    secret.write_text("x")
     with pytest.raises(ValueError, match="no username"):
-        parse(password_file=str(secret))
+        parse(password_file=written(tmp_path / "pw"))
 
 
 def test_values_are_parsed_once_into_typed_fields() -> None:
