@@ -39,6 +39,7 @@ from .errors import (
     RunNotFoundError,
     UnavailableError,
 )
+from .state import NotATorchStateError
 
 __all__ = [
     "EXIT_AUTH",
@@ -46,6 +47,7 @@ __all__ = [
     "EXIT_ERROR",
     "EXIT_INTERRUPTED",
     "EXIT_NOT_FOUND",
+    "EXIT_NOT_TORCH_STATE",
     "EXIT_OK",
     "EXIT_UNREACHABLE",
     "EXIT_USAGE",
@@ -59,6 +61,7 @@ EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_UNREACHABLE = 4
 EXIT_AUTH = 5
+EXIT_NOT_TORCH_STATE = 6
 EXIT_INTERRUPTED = 130
 
 #: Every exit code and what it means.
@@ -70,6 +73,8 @@ EXIT_CODES = {
     EXIT_NOT_FOUND: "the run has no state (status, close, delete)",
     EXIT_UNREACHABLE: "etcd did not answer within --timeout, or TLS is misconfigured",
     EXIT_AUTH: "etcd refused the credentials, or the user may not access the key prefix",
+    EXIT_NOT_TORCH_STATE: "the run's state key holds something that is not a torch "
+                          "rendezvous state (another program wrote it)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C) during a command other than watch and serve",
 }
 
@@ -98,6 +103,7 @@ _FLAG_OF_OPTION = {
 #: The exit code of each kind of error, the first match wins (subclasses before their bases).
 _EXIT_CODE_OF_ERROR: tuple[tuple[type[BaseException], int], ...] = (
     (RunNotFoundError, EXIT_NOT_FOUND),
+    (NotATorchStateError, EXIT_NOT_TORCH_STATE),
     (EtcdAuthError, EXIT_AUTH),
     (EtcdTLSError, EXIT_UNREACHABLE),
     (UnavailableError, EXIT_UNREACHABLE),
@@ -273,8 +279,9 @@ def _build_parser() -> _Parser:
 
     listing = command("list", "list the runs under the key prefix",
                       "List every run under the key prefix with its round, state, nodes, "
-                      "revision, size, store keys, idle time and time left before its keys "
-                      "expire.")
+                      "revision, size, store keys, the least time since its last write (by "
+                      "etcd's lease clock, exact to within one lease window, ttl/10) and the "
+                      "time left before its keys expire.")
     listing.add_argument("--json", action="store_true", help="print JSON")
 
     watch = command("watch", "follow a run's state until Ctrl-C",
@@ -533,8 +540,12 @@ async def _list(args: argparse.Namespace, admin: Any, config: RendezvousConfig) 
     rows = []
     for run in runs:
         state = run.state
-        word = _state_word(state) if state is not None else (
-            "unreadable" if run.error else "no state")
+        if state is not None:
+            word = _state_word(state)
+        elif run.error:
+            word = "not torch" if run.not_a_torch_state else "unreadable"
+        else:
+            word = "no state"
         rows.append((
             run.run_id,
             state.round if state is not None else "-",
@@ -546,8 +557,8 @@ async def _list(args: argparse.Namespace, admin: Any, config: RendezvousConfig) 
             "?" if run.idle_seconds is None else _human_seconds(run.idle_seconds),
             "?" if run.ttl_left is None else _human_seconds(run.ttl_left),
         ))
-    _print(_table(("RUN", "ROUND", "STATE", "NODES", "REVISION", "SIZE", "STORE KEYS", "IDLE",
-                   "EXPIRES IN"), rows, right=(1, 3, 4, 5, 6, 7, 8)))
+    _print(_table(("RUN", "ROUND", "STATE", "NODES", "REVISION", "SIZE", "STORE KEYS",
+                   "IDLE AT LEAST", "EXPIRES IN"), rows, right=(1, 3, 4, 5, 6, 7, 8)))
     for run in runs:
         if run.error:
             _print(f"etcd-rdzv: run {run.run_id!r}: {run.error}", file=sys.stderr)
