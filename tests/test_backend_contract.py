@@ -20,6 +20,8 @@ from etcd_rdzv import AsyncEtcdRendezvousBackend, Deadline, EtcdClient, EtcdConf
 from etcd_rdzv.codec import HEADER_SIZE
 from etcd_rdzv.elastic import EtcdRendezvousBackend
 
+from .conftest import StoredKv
+
 
 @dataclass
 class ContractBackend:
@@ -50,21 +52,15 @@ class ContractBackend:
 async def backend(
     request: pytest.FixtureRequest, etcd_config: EtcdConfig, key_prefix: str
 ) -> AsyncIterator[ContractBackend]:
+    core = AsyncEtcdRendezvousBackend(EtcdClient(etcd_config), "dummy_run_id",
+                                      key_prefix=key_prefix)
     if request.param == "async":
-        client = EtcdClient(etcd_config)
-        core = AsyncEtcdRendezvousBackend(client, "dummy_run_id", key_prefix=key_prefix)
         yield ContractBackend("async", core, EtcdStateError, core.key)
-        await client.close()
+        await core.client.close()
     else:
-        shim = EtcdRendezvousBackend(AsyncEtcdRendezvousBackend(
-            EtcdClient(etcd_config), "dummy_run_id", key_prefix=key_prefix))
-        yield ContractBackend("shim", shim, RendezvousStateError, shim.async_backend.key)
+        shim = EtcdRendezvousBackend(core)
+        yield ContractBackend("shim", shim, RendezvousStateError, core.key)
         await asyncio.to_thread(shim.close)
-
-
-async def raw_get(client: EtcdClient, key: bytes) -> Any:
-    response = await client.get(key, Deadline.after(5))
-    return response.kvs[0] if response.kvs else None
 
 
 async def test_name_is_the_registered_backend_name(backend: ContractBackend) -> None:
@@ -95,11 +91,11 @@ async def test_get_state_raises_error_if_backend_state_is_corrupt(
 
 
 async def test_set_state_sets_backend_state_if_it_does_not_exist(
-    backend: ContractBackend, etcd_client: EtcdClient
+    backend: ContractBackend, stored_kv: StoredKv
 ) -> None:
     state, token, has_set = await backend.must_set(b"x")
     assert (state, has_set) == (b"x", True)
-    kv = await raw_get(etcd_client, backend.key)
+    kv = await stored_kv(backend.key)
     assert token == kv.mod_revision
 
 
@@ -159,20 +155,20 @@ async def test_set_state_rejects_a_state_that_is_not_bytes(backend: ContractBack
 
 
 async def test_stored_value_is_raw_bytes_behind_a_header(
-    backend: ContractBackend, etcd_client: EtcdClient
+    backend: ContractBackend, stored_kv: StoredKv
 ) -> None:
     state = bytes(range(256))
     await backend.set_state(state)
-    kv = await raw_get(etcd_client, backend.key)
+    kv = await stored_kv(backend.key)
     assert kv.value[HEADER_SIZE:] == state
     assert kv.lease != 0
 
 
 async def test_conflict_returns_state_and_token_from_the_same_round_trip(
-    backend: ContractBackend, etcd_client: EtcdClient
+    backend: ContractBackend, stored_kv: StoredKv
 ) -> None:
     _, token1, _ = await backend.must_set(b"x")
     await backend.must_set(b"y", token1)
     state, token, has_set = await backend.must_set(b"z", token1)
-    kv = await raw_get(etcd_client, backend.key)
+    kv = await stored_kv(backend.key)
     assert (state, token, has_set) == (b"y", kv.mod_revision, False)

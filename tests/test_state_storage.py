@@ -16,10 +16,11 @@ from etcd_rdzv import (
     StateCodec,
     StateTooLargeError,
 )
-from etcd_rdzv._lease import lease_window
 from etcd_rdzv.codec import HEADER_SIZE
 from etcd_rdzv.config import DEFAULT_MAX_REQUEST_BYTES
 from etcd_rdzv.testing.states import torch_state
+
+from .conftest import StoredKv
 
 
 @pytest.fixture
@@ -27,40 +28,39 @@ def backend(etcd_client: EtcdClient, key_prefix: str) -> AsyncEtcdRendezvousBack
     return AsyncEtcdRendezvousBackend(etcd_client, "run", key_prefix=key_prefix)
 
 
-async def stored_value(client: EtcdClient, key: bytes) -> bytes:
-    response = await client.get(key, Deadline.after(5))
-    return bytes(response.kvs[0].value)
+async def stored_value(stored_kv: StoredKv, backend: AsyncEtcdRendezvousBackend) -> bytes:
+    return bytes((await stored_kv(backend.key)).value)
 
 
 async def test_large_state_is_compressed_and_round_trips(
-    backend: AsyncEtcdRendezvousBackend, etcd_client: EtcdClient
+    backend: AsyncEtcdRendezvousBackend, stored_kv: StoredKv
 ) -> None:
     state = torch_state(1000)
     result = await backend.set_state(state)
     assert result is not None and result[2]
-    raw = await stored_value(etcd_client, backend.key)
+    raw = await stored_value(stored_kv, backend)
     assert len(raw) < len(state) / 2
     assert zlib.decompress(raw[HEADER_SIZE:]) == state
     assert await backend.get_state() == (state, result[1])
 
 
 async def test_small_state_is_stored_uncompressed(
-    backend: AsyncEtcdRendezvousBackend, etcd_client: EtcdClient
+    backend: AsyncEtcdRendezvousBackend, stored_kv: StoredKv
 ) -> None:
     await backend.set_state(b"small")
-    raw = await stored_value(etcd_client, backend.key)
+    raw = await stored_value(stored_kv, backend)
     assert raw[:4] == b"ERDZ"
     assert raw[5] == 0  # flags: not compressed
     assert raw[HEADER_SIZE:] == b"small"
 
 
 async def test_every_write_is_tagged_uniquely(
-    backend: AsyncEtcdRendezvousBackend, etcd_client: EtcdClient
+    backend: AsyncEtcdRendezvousBackend, stored_kv: StoredKv
 ) -> None:
     _, token, _ = await backend.set_state(b"same") or (b"", 0, False)
-    first = await stored_value(etcd_client, backend.key)
+    first = await stored_value(stored_kv, backend)
     await backend.set_state(b"same", token)
-    second = await stored_value(etcd_client, backend.key)
+    second = await stored_value(stored_kv, backend)
     assert first != second
     assert first[HEADER_SIZE:] == second[HEADER_SIZE:] == b"same"
 
@@ -73,14 +73,14 @@ def test_ten_thousand_node_state_fits_with_a_wide_margin() -> None:
 
 
 async def test_oversized_state_is_refused_before_anything_is_sent(
-    backend: AsyncEtcdRendezvousBackend, etcd_client: EtcdClient
+    backend: AsyncEtcdRendezvousBackend,
 ) -> None:
     state = random.Random(0).randbytes(2 * 1024 * 1024)  # incompressible
     with pytest.raises(StateTooLargeError) as info:
         await backend.set_state(state)
     message = str(info.value)
-    assert "2,097,152 bytes" in message
-    assert "1,572,864 bytes (max_request_bytes)" in message
+    assert f"{len(state):,} bytes" in message
+    assert f"{DEFAULT_MAX_REQUEST_BYTES:,} bytes (max_request_bytes)" in message
     assert await backend.get_state() is None
 
 
@@ -106,7 +106,8 @@ async def test_oversized_state_leaves_the_stored_state_intact(
     ],
 )
 async def test_undecodable_stored_values_raise_a_state_error(
-    backend: AsyncEtcdRendezvousBackend, etcd_client: EtcdClient, value: bytes, message: str
+    backend: AsyncEtcdRendezvousBackend, etcd_client: EtcdClient, stored_kv: StoredKv,
+    value: bytes, message: str,
 ) -> None:
     await etcd_client.put(backend.key, value, 0, Deadline.after(5))
     with pytest.raises(EtcdStateError, match=message):
@@ -114,7 +115,7 @@ async def test_undecodable_stored_values_raise_a_state_error(
     # The conflict path decodes too, and must not overwrite what it cannot read.
     with pytest.raises(EtcdStateError, match=message):
         await backend.set_state(b"new")
-    assert await stored_value(etcd_client, backend.key) == value
+    assert await stored_value(stored_kv, backend) == value
 
 
 def test_decompression_bomb_is_refused() -> None:
@@ -124,17 +125,17 @@ def test_decompression_bomb_is_refused() -> None:
 
 
 async def test_lease_ttl_is_between_ttl_and_ttl_plus_window(
-    etcd_client: EtcdClient, key_prefix: str
+    etcd_client: EtcdClient, key_prefix: str, stored_kv: StoredKv
 ) -> None:
     backend = AsyncEtcdRendezvousBackend(etcd_client, "run", key_prefix=key_prefix, ttl=600)
     await backend.set_state(b"x")
-    response = await etcd_client.get(backend.key, Deadline.after(5))
-    ttl = (await etcd_client.lease_status(response.kvs[0].lease, Deadline.after(5))).ttl
-    assert 600 - 2 <= ttl <= 600 + lease_window(600)
+    lease = await etcd_client.lease_status((await stored_kv(backend.key)).lease,
+                                           Deadline.after(5))
+    assert 600 - 2 <= lease.ttl <= 600 + backend.lease.window
 
 
 async def test_writes_within_the_window_share_one_lease(
-    backend: AsyncEtcdRendezvousBackend, etcd_client: EtcdClient
+    backend: AsyncEtcdRendezvousBackend, stored_kv: StoredKv
 ) -> None:
     leases = set()
     token = None
@@ -142,8 +143,7 @@ async def test_writes_within_the_window_share_one_lease(
         result = await backend.set_state(b"%d" % index, token)
         assert result is not None and result[2]
         token = result[1]
-        response = await etcd_client.get(backend.key, Deadline.after(5))
-        leases.add(response.kvs[0].lease)
+        leases.add((await stored_kv(backend.key)).lease)
     assert len(leases) == 1
 
 
@@ -161,15 +161,12 @@ async def test_abandoned_state_expires_after_its_ttl(
 
 
 async def test_a_revoked_lease_is_replaced_transparently(
-    backend: AsyncEtcdRendezvousBackend, etcd_client: EtcdClient
+    backend: AsyncEtcdRendezvousBackend, etcd_client: EtcdClient, stored_kv: StoredKv
 ) -> None:
     await backend.set_state(b"x")
-    response = await etcd_client.get(backend.key, Deadline.after(5))
-    old_lease = int(response.kvs[0].lease)
+    old_lease = int((await stored_kv(backend.key)).lease)
     assert await etcd_client.revoke_lease(old_lease, Deadline.after(5))  # the key goes too
     assert await backend.get_state() is None
     result = await backend.set_state(b"y")
     assert result is not None and result[2]
-    response = await etcd_client.get(backend.key, Deadline.after(5))
-    assert int(response.kvs[0].lease) not in (0, old_lease)
-
+    assert int((await stored_kv(backend.key)).lease) not in (0, old_lease)
