@@ -105,7 +105,10 @@ class WatchEvent:
     """The new value; None when the key was deleted."""
     lease: int = 0
     """The lease the new value carries (0: none)."""
-
+    key: bytes = b""
+    """The key that changed (for a watch over a range of keys)."""
+    create_revision: int = 0
+    """For a put: the revision at which the key was created (0 for a delete)."""
 
 
 
@@ -221,6 +224,7 @@ class _Session:
     kv: rpc.KVStub
     lease: rpc.LeaseStub
     maintenance: rpc.MaintenanceStub
+    keep_alives: _KeepAliveStream
 
     @classmethod
     async def open(cls, config: EtcdConfig, target: str, extra_options: dict[str, Any]) -> _Session:
@@ -241,11 +245,79 @@ class _Session:
                 await channel.close(None)
                 raise
             metadata = (("token", response.token),)
-        return cls(channel, metadata, rpc.KVStub(channel), rpc.LeaseStub(channel),
-                   rpc.MaintenanceStub(channel))
+        lease = rpc.LeaseStub(channel)
+        return cls(channel, metadata, rpc.KVStub(channel), lease, rpc.MaintenanceStub(channel),
+                   _KeepAliveStream(lease, metadata))
 
     async def close(self) -> None:
+        self.keep_alives.close()
         await self.channel.close(None)
+
+
+class _KeepAliveStream:
+    """Lease keep-alives for every lease of one session, over one bidirectional stream.
+
+    A keep-alive creates no revision in etcd (it does not go through raft), so renewing
+    many leases costs etcd little; one stream per session, not per lease or per call,
+    keeps the cost on the client small too. Each :meth:`renew` writes one request and
+    waits for the answer naming its lease.
+    """
+
+    def __init__(self, stub: rpc.LeaseStub, metadata: tuple[tuple[str, str], ...] | None) -> None:
+        self._stub = stub
+        self._metadata = metadata
+        self._stream: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._waiters: dict[int, list[asyncio.Future[int]]] = {}
+
+    async def renew(self, lease_id: int, timeout: float) -> int:
+        """Renew ``lease_id``; return its TTL after renewal (0 when etcd no longer has it)."""
+        if self._stream is None:
+            self._stream = self._stub.LeaseKeepAlive(metadata=self._metadata)
+            self._reader = asyncio.get_running_loop().create_task(self._read(self._stream))
+        answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(lease_id, []).append(answer)
+        try:
+            await self._stream.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
+            return await asyncio.wait_for(asyncio.shield(answer), timeout)
+        except asyncio.TimeoutError:
+            raise UnavailableError(f"Renewing lease {lease_id:x} failed: no answer within "
+                                   f"{timeout:g} s.") from None
+        finally:
+            waiting = self._waiters.get(lease_id, [])
+            if answer in waiting:
+                waiting.remove(answer)
+
+    async def _read(self, stream: Any) -> None:
+        error: BaseException
+        try:
+            while True:
+                response = await stream.read()
+                if response is _EOF:
+                    error = UnavailableError("etcd ended the lease keep-alive stream.")
+                    break
+                for answer in self._waiters.pop(int(response.ID), []):
+                    if not answer.done():
+                        answer.set_result(int(response.TTL))
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+            error = exc
+        if self._stream is stream:
+            self._stream = None
+        waiters, self._waiters = self._waiters, {}
+        for answers in waiters.values():
+            for answer in answers:
+                if not answer.done():
+                    if isinstance(error, asyncio.CancelledError):
+                        answer.cancel()
+                    else:
+                        answer.set_exception(error)
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.cancel()
+            self._stream = None
+        if self._reader is not None:
+            self._reader.cancel()
 
 
 def _tls_credentials(config: EtcdConfig) -> grpc.ChannelCredentials:
@@ -450,6 +522,22 @@ class EtcdClient:
         return await self._unary(f"Reading prefix {_show(prefix)}", _RANGE, request, deadline,
                                  idempotent=True)
 
+    async def range(self, request: rpc.RangeRequest, deadline: Deadline,
+                    what: str) -> rpc.RangeResponse:
+        """A read shaped by the caller (a key range, ``count_only``, ``max_create_revision``,
+        a past ``revision``, a sort order, a limit), retried within ``deadline``."""
+        return await self._unary(what, _RANGE, request, deadline, idempotent=True)
+
+    async def keep_alive(self, lease_id: int, deadline: Deadline) -> int:
+        """Renew a lease once; return its TTL after renewal, 0 when etcd no longer has it.
+
+        Retried within ``deadline``: renewing twice is harmless. It writes no revision.
+        """
+        async def call(session: _Session, timeout: float) -> int:
+            return await session.keep_alives.renew(lease_id, timeout)
+
+        return await self._retrying(f"Renewing lease {lease_id:x}", call, deadline)
+
     async def txn_once(self, request: rpc.TxnRequest, deadline: Deadline,
                        what: str) -> rpc.TxnResponse:
         """One attempt of a transaction.
@@ -533,9 +621,10 @@ class EtcdClient:
         return MemberStatus(int(response.dbSize), int(response.dbSizeInUse),
                             int(response.leader) == int(response.header.member_id))
 
-    async def watch(self, key: bytes, start_revision: int,
-                    deadline: Deadline) -> AsyncGenerator[WatchEvent, None]:
-        """The changes of ``key`` from ``start_revision`` on, for as long as the stream lasts.
+    async def watch(self, key: bytes, start_revision: int, deadline: Deadline, *,
+                    range_end: bytes = b"") -> AsyncGenerator[WatchEvent, None]:
+        """The changes of ``key`` (of every key in ``[key, range_end)`` when ``range_end``
+        is given) from ``start_revision`` on, for as long as the stream lasts.
 
         Unlike :meth:`next_change`, the watch has a gRPC stream of its own, meant to stay
         open. Opening it (connecting, etcd confirming the watch) is retried within
@@ -551,7 +640,7 @@ class EtcdClient:
         """
         what = f"Watching {key.decode(errors='replace')!r}"
         create = rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
-            key=key, start_revision=start_revision))
+            key=key, range_end=range_end, start_revision=start_revision))
 
         async def open_stream(client: _Session, timeout: float) -> Any:
             stream = rpc.WatchStub(client.channel).Watch(metadata=client.metadata)
@@ -585,9 +674,10 @@ class EtcdClient:
                 for event in response.events:
                     kv = event.kv
                     if event.type == rpc.Event.DELETE:
-                        yield WatchEvent(int(kv.mod_revision), None)
+                        yield WatchEvent(int(kv.mod_revision), None, key=bytes(kv.key))
                     else:
-                        yield WatchEvent(int(kv.mod_revision), bytes(kv.value), int(kv.lease))
+                        yield WatchEvent(int(kv.mod_revision), bytes(kv.value), int(kv.lease),
+                                         bytes(kv.key), int(kv.create_revision))
         finally:
             stream.cancel()
 
