@@ -15,9 +15,7 @@ from torch.distributed.elastic.rendezvous import (
 from torch.distributed.elastic.rendezvous.api import RendezvousStoreInfo
 
 from etcd_rdzv import Deadline, EtcdClient, EtcdConfig
-from etcd_rdzv._lease import lease_window
 from etcd_rdzv.codec import StateCodec
-from etcd_rdzv.config import parse_endpoints
 from etcd_rdzv.elastic import EtcdRendezvousBackend, EtcdStore, create_backend
 from etcd_rdzv.testing import EtcdServer, free_port
 
@@ -34,9 +32,11 @@ def make_params(endpoint: str, **config: Any) -> RendezvousParameters:
     )
 
 
-def raw_kv(endpoint: str, key: bytes) -> Any:
+def raw_kv(config: EtcdConfig, key: bytes) -> Any:
+    """The ``KeyValue`` at ``key`` (None if absent) and its lease's seconds left."""
+
     async def read() -> Any:
-        async with EtcdClient(EtcdConfig(endpoints=parse_endpoints(endpoint))) as client:
+        async with EtcdClient(config) as client:
             response = await client.get(key, Deadline.after(5))
             kv = response.kvs[0] if response.kvs else None
             ttl = (await client.lease_status(kv.lease, Deadline.after(5))).ttl if kv else None
@@ -50,7 +50,7 @@ def endpoint(etcd_server: EtcdServer) -> str:
     return etcd_server.get_endpoint()
 
 
-def test_create_backend_returns_backend(endpoint: str) -> None:
+def test_create_backend_returns_backend(endpoint: str, etcd_config: EtcdConfig) -> None:
     params = make_params(endpoint)
     backend, store = create_backend(params)
     assert isinstance(backend, EtcdRendezvousBackend)
@@ -59,29 +59,27 @@ def test_create_backend_returns_backend(endpoint: str) -> None:
     assert backend.async_backend.client.config.read_timeout == 10
 
     backend.set_state(b"dummy_state")
-    kv, ttl = raw_kv(endpoint, f"/torch/elastic/rendezvous/{params.run_id}".encode())
+    kv, ttl = raw_kv(etcd_config, f"/torch/elastic/rendezvous/{params.run_id}".encode())
     assert StateCodec().decode(kv.value, key=b"k") == b"dummy_state"
-    assert 0 < ttl <= 7200 + lease_window(7200)
+    assert 0 < ttl <= 7200 + backend.async_backend.lease.window
 
     store.set("dummy_key", "dummy_value")
-    kv, _ = raw_kv(endpoint, f"/torch/elastic/rendezvous/{params.run_id}/store/dummy_key".encode())
+    kv, _ = raw_kv(etcd_config,
+                   f"/torch/elastic/rendezvous/{params.run_id}/store/dummy_key".encode())
     assert kv.value == b"dummy_value"
     assert kv.lease != 0
     backend.close()
 
 
-def test_create_backend_returns_backend_if_protocol_is_not_specified(endpoint: str) -> None:
+@pytest.mark.parametrize(("option", "default"), [("protocol", "http"), ("read_timeout", 60)])
+def test_create_backend_returns_backend_if_option_is_not_specified(
+    endpoint: str, option: str, default: object
+) -> None:
     params = make_params(endpoint)
-    del params.config["protocol"]
+    del params.config[option]
     backend, _ = create_backend(params)
-    assert backend.async_backend.client.config.protocol == "http"
-
-
-def test_create_backend_returns_backend_if_read_timeout_is_not_specified(endpoint: str) -> None:
-    params = make_params(endpoint)
-    del params.config["read_timeout"]
-    backend, _ = create_backend(params)
-    assert backend.async_backend.client.config.read_timeout == 60
+    assert getattr(backend.async_backend.client.config, option) == default
+    backend.close()
 
 
 @pytest.mark.parametrize("bad_endpoint", ["127.0.0.1:{port}", "dummy.invalid:1234"])
@@ -136,6 +134,7 @@ def test_several_endpoints_fail_over_to_the_live_one(endpoint: str) -> None:
     backend, _ = create_backend(make_params(f"{dead},{endpoint}"))
     assert backend.set_state(b"x") is not None
     assert backend.get_state() is not None
+    backend.close()
 
 
 def test_ipv6_endpoint() -> None:
@@ -147,11 +146,11 @@ def test_ipv6_endpoint() -> None:
         backend.close()
 
 
-def test_key_prefix_and_ttl_reach_the_stored_key(endpoint: str) -> None:
+def test_key_prefix_and_ttl_reach_the_stored_key(endpoint: str, etcd_config: EtcdConfig) -> None:
     params = make_params(endpoint, key_prefix="/custom/prefix/", ttl="50")
     backend, _ = create_backend(params)
     backend.set_state(b"s")
-    kv, ttl = raw_kv(endpoint, f"/custom/prefix/{params.run_id}".encode())
+    kv, ttl = raw_kv(etcd_config, f"/custom/prefix/{params.run_id}".encode())
     assert kv is not None
-    assert 0 < ttl <= 50 + lease_window(50)
+    assert 0 < ttl <= 50 + backend.async_backend.lease.window
     backend.close()
