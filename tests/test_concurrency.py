@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from etcd_rdzv import AsyncEtcdRendezvousBackend, EtcdClient, EtcdConfig
 from etcd_rdzv.elastic import EtcdRendezvousBackend
+from etcd_rdzv.testing.history import count_increments
 
 ATTEMPTS_PER_WRITER = 25
 
 
-async def increment(backend: AsyncEtcdRendezvousBackend, attempts: int) -> int:
-    """Try ``attempts`` CAS increments of the counter in the state; return the successes."""
-    successes = 0
+async def counter(backend: AsyncEtcdRendezvousBackend) -> int:
     current = await backend.get_state()
     assert current is not None
-    state, token = current
-    for _ in range(attempts):
-        result = await backend.set_state(b"%d" % (int(state) + 1), token)
-        assert result is not None
-        state, token, has_set = result
-        successes += has_set
-    return successes
+    return int(current[0])
 
 
 async def test_32_asyncio_tasks_count_exactly_their_successes(
@@ -31,48 +24,37 @@ async def test_32_asyncio_tasks_count_exactly_their_successes(
     backend = AsyncEtcdRendezvousBackend(etcd_client, "counter", key_prefix=key_prefix)
     await backend.set_state(b"0")
     successes = await asyncio.gather(
-        *(increment(backend, ATTEMPTS_PER_WRITER) for _ in range(32)))
-    final = await backend.get_state()
-    assert final is not None
-    assert int(final[0]) == sum(successes)
+        *(count_increments(backend, attempts=ATTEMPTS_PER_WRITER) for _ in range(32)))
+    assert await counter(backend) == sum(successes)
     assert sum(successes) >= ATTEMPTS_PER_WRITER  # someone always wins a round
 
 
 def test_8_threads_through_the_shim_count_exactly_their_successes(
     etcd_config: EtcdConfig, key_prefix: str
 ) -> None:
-    backend = EtcdRendezvousBackend(
+    shim = EtcdRendezvousBackend(
         AsyncEtcdRendezvousBackend(EtcdClient(etcd_config), "counter", key_prefix=key_prefix))
-    backend.set_state(b"0")
-    successes: list[int] = []
-    errors: list[BaseException] = []
+    shim.set_state(b"0")
 
-    def writer() -> None:
-        try:
-            count = 0
-            current = backend.get_state()
-            assert current is not None
-            state, token = current
-            for _ in range(ATTEMPTS_PER_WRITER):
-                result = backend.set_state(b"%d" % (int(state) + 1), token)
-                assert result is not None
-                state, token, has_set = result
-                count += has_set
-            successes.append(count)
-        except BaseException as exc:
-            errors.append(exc)
+    def writer(_: int) -> int:
+        """count_increments, made through the sync shim's blocking calls."""
+        successes = 0
+        current = shim.get_state()
+        assert current is not None
+        state, token = current
+        for _ in range(ATTEMPTS_PER_WRITER):
+            result = shim.set_state(b"%d" % (int(state) + 1), token)
+            assert result is not None
+            state, token, has_set = result
+            successes += has_set
+        return successes
 
-    threads = [threading.Thread(target=writer) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
-    final = backend.get_state()
-    assert final is not None
-    assert int(final[0]) == sum(successes)
+    with ThreadPoolExecutor(8) as threads:
+        successes = list(threads.map(writer, range(8)))
+    final = shim.get_state()
+    assert final is not None and int(final[0]) == sum(successes)
     assert sum(successes) >= ATTEMPTS_PER_WRITER
-    backend.close()
+    shim.close()
 
 
 async def test_conflict_backoff_returns_the_fresh_state_after_its_pause(
@@ -97,7 +79,6 @@ async def test_conflict_backoff_counts_stay_exact_under_contention(
     backend = AsyncEtcdRendezvousBackend(etcd_client, "counter", key_prefix=key_prefix,
                                          conflict_backoff=0.01)
     await backend.set_state(b"0")
-    successes = await asyncio.gather(*(increment(backend, 10) for _ in range(16)))
-    final = await backend.get_state()
-    assert final is not None
-    assert int(final[0]) == sum(successes)
+    successes = await asyncio.gather(
+        *(count_increments(backend, attempts=10) for _ in range(16)))
+    assert await counter(backend) == sum(successes)

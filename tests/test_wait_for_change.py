@@ -7,7 +7,6 @@ import asyncio
 import pytest
 
 from etcd_rdzv import AsyncEtcdRendezvousBackend, Deadline, EtcdClient, EtcdConfig
-from etcd_rdzv.config import parse_endpoints
 from etcd_rdzv.elastic import EtcdRendezvousBackend
 from etcd_rdzv.testing import EtcdServer
 
@@ -91,8 +90,7 @@ def test_the_shim_exposes_it(etcd_config: EtcdConfig, key_prefix: str) -> None:
 
 async def test_a_paused_server_makes_it_wait_not_raise() -> None:
     with EtcdServer() as server:
-        config = EtcdConfig(endpoints=parse_endpoints(server.get_endpoint()),
-                            read_timeout=2, request_timeout=0.3)
+        config = server.client_config(read_timeout=2, request_timeout=0.3)
         async with EtcdClient(config) as client:
             backend = AsyncEtcdRendezvousBackend(client, "run")
             await backend.set_state(b"x")

@@ -11,6 +11,9 @@ checked directly, without a general search (porcupine-style) over interleavings:
 
 Every written value must be unique (:func:`unique_state`). A write that raised has an unknown
 outcome: it counts as successful if and only if some read saw its value.
+
+A lighter check needs no history: :func:`count_increments` has writers increment a counter
+held in the state, and the counter must end at the sum of their successes.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["History", "Operation", "unique_state"]
+__all__ = ["History", "Operation", "count_increments", "run_clients", "unique_state"]
 
 _counter = itertools.count()
 
@@ -181,3 +184,25 @@ async def run_clients(
                 await asyncio.sleep(0.05)
 
     await asyncio.gather(*(client(i, b) for i, b in enumerate(backends)))
+
+
+async def count_increments(backend: Any, *, attempts: int | None = None,
+                           until: asyncio.Event | None = None) -> int:
+    """CAS increments of the decimal counter that is ``backend``'s state, ``attempts`` times
+    or until ``until`` is set; the number that succeeded.
+
+    Each attempt starts from the state and token the last one returned (a conflict returns
+    the current ones), so a lost or doubled write shows as a counter that differs from the
+    sum of every writer's successes.
+    """
+    current = await backend.get_state()
+    assert current is not None, "count_increments needs a counter in the state"
+    state, token = current
+    successes = tried = 0
+    while (attempts is None or tried < attempts) and not (until is not None and until.is_set()):
+        result = await backend.set_state(b"%d" % (int(state) + 1), token)
+        assert result is not None
+        state, token, has_set = result
+        successes += has_set
+        tried += 1
+    return successes
