@@ -7,7 +7,6 @@ the marker file they would write stays absent.
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import datetime
 import json
@@ -15,7 +14,6 @@ import os
 import pickle
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +36,7 @@ from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
 from etcd_rdzv import (
     AsyncEtcdRendezvousBackend,
     EtcdClient,
+    EtcdConfig,
     EtcdStateError,
     NodeDesc,
     RendezvousConfig,
@@ -47,7 +46,7 @@ from etcd_rdzv import (
 )
 from etcd_rdzv.elastic import EtcdRendezvousBackend
 from etcd_rdzv.testing import EtcdServer
-from etcd_rdzv.testing.states import torch_state
+from etcd_rdzv.testing.states import WritesMarker, torch_state
 
 UTC = datetime.timezone.utc
 NOW = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -72,16 +71,6 @@ def rich_state() -> _RendezvousState:
     return state
 
 
-class Exec:
-    """Unpickles as ``exec(code)``: what an attacker with write access to the key stores."""
-
-    def __init__(self, code: str) -> None:
-        self.code = code
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return builtins.exec, (self.code,)
-
-
 class System:
     """Unpickles as ``os.system(command)``."""
 
@@ -93,14 +82,14 @@ class System:
 
 
 def exec_payload(marker: Path) -> bytes:
-    return pickle.dumps(Exec(f"open({str(marker)!r}, 'w').write('ran')"))
+    return pickle.dumps(WritesMarker(marker))
 
 
 def state_with_payload(marker: Path) -> bytes:
     """A real torch state with a payload hidden in one heartbeat."""
     state = rich_state()
     node = next(iter(state.participants))
-    state.last_heartbeats[node] = Exec(f"open({str(marker)!r}, 'w').write('ran')")  # type: ignore[assignment]
+    state.last_heartbeats[node] = WritesMarker(marker)  # type: ignore[assignment]
     return pickle.dumps(state)
 
 
@@ -225,7 +214,7 @@ def test_the_payload_is_real_torch_would_run_it(tmp_path: Path) -> None:
     [
         (pickle.dumps({"round": 1}), "holds a dict, not torch's _RendezvousState"),
         (pickle.dumps([1, 2]), "holds a list"),
-        (b"not a pickle", "is corrupt: it does not unpickle"),
+        (b"not a pickle", r"is not a torch rendezvous state \(12 bytes\): it is not a pickle"),
         (pickle.dumps(rich_state())[:-10], "is corrupt"),
         (pickle.dumps(datetime.datetime.now(UTC)), "holds a datetime"),
         # torch never writes protocols 0 to 2; protocol 1 needs copyreg, which is refused.
@@ -321,7 +310,7 @@ def test_encode_closed_leaves_look_alike_data_alone() -> None:
 
 
 def test_encode_closed_of_a_malformed_state_raises() -> None:
-    with pytest.raises(EtcdStateError, match="not a plain rendezvous state"):
+    with pytest.raises(EtcdStateError, match=r"not a torch rendezvous state .* holds a dict"):
         encode_closed(pickle.dumps({"closed": False}))
 
 
@@ -349,9 +338,8 @@ async def test_verify_state_refuses_a_malicious_state_on_get_and_on_conflict(
     etcd_client: EtcdClient, key_prefix: str, tmp_path: Path
 ) -> None:
     marker = tmp_path / "ran"
-    run_id = f"evil-{uuid.uuid4().hex[:6]}"
-    plain = AsyncEtcdRendezvousBackend(etcd_client, run_id, key_prefix=key_prefix)
-    checked = AsyncEtcdRendezvousBackend(etcd_client, run_id, key_prefix=key_prefix,
+    plain = AsyncEtcdRendezvousBackend(etcd_client, "evil", key_prefix=key_prefix)
+    checked = AsyncEtcdRendezvousBackend(etcd_client, "evil", key_prefix=key_prefix,
                                          verify_state=True)
     written = await plain.set_state(state_with_payload(marker))
     assert written is not None
@@ -378,23 +366,21 @@ async def test_verify_state_refuses_a_malicious_state_on_get_and_on_conflict(
 
 
 def test_torchs_handler_over_a_verifying_backend_never_unpickles_the_payload(
-    etcd_server: EtcdServer, key_prefix: str, tmp_path: Path
+    etcd_server: EtcdServer, etcd_config: EtcdConfig, key_prefix: str, tmp_path: Path
 ) -> None:
-    from etcd_rdzv import EtcdConfig
-    from etcd_rdzv.config import parse_endpoints
-
     marker = tmp_path / "ran"
-    run_id = f"evil-{uuid.uuid4().hex[:6]}"
-    config = EtcdConfig(endpoints=parse_endpoints(etcd_server.get_endpoint()), read_timeout=5)
-    writer = EtcdRendezvousBackend(
-        AsyncEtcdRendezvousBackend(EtcdClient(config), run_id, key_prefix=key_prefix))
+
+    def shim(verify_state: bool = False) -> EtcdRendezvousBackend:
+        return EtcdRendezvousBackend(AsyncEtcdRendezvousBackend(
+            EtcdClient(etcd_config), "evil", key_prefix=key_prefix, verify_state=verify_state))
+
+    writer = shim()
     assert writer.set_state(exec_payload(marker)) is not None
     writer.close()
 
-    backend = EtcdRendezvousBackend(AsyncEtcdRendezvousBackend(
-        EtcdClient(config), run_id, key_prefix=key_prefix, verify_state=True))
+    backend = shim(verify_state=True)
     params = RendezvousParameters(backend="etcd-v3", endpoint=etcd_server.get_endpoint(),
-                                  run_id=run_id, min_nodes=1, max_nodes=1)
+                                  run_id="evil", min_nodes=1, max_nodes=1)
     handler = torch_create_handler(HashStore(), backend, params)
     try:
         with pytest.raises(RendezvousStateError, match=r"builtins\.exec"):
@@ -402,8 +388,7 @@ def test_torchs_handler_over_a_verifying_backend_never_unpickles_the_payload(
         assert not marker.exists()
 
         # The control: the same handler over a backend that does not verify runs it.
-        unchecked = EtcdRendezvousBackend(
-            AsyncEtcdRendezvousBackend(EtcdClient(config), run_id, key_prefix=key_prefix))
+        unchecked = shim()
         with contextlib.suppress(Exception):  # exec returns None, which torch then reads
             torch_create_handler(HashStore(), unchecked, params).is_closed()
         assert marker.read_text() == "ran"
