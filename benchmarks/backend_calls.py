@@ -1,9 +1,6 @@
 """Per-call latency of the rendezvous backends, side by side with raw aetcd floors.
 
-Run::
-
     python -m benchmarks.backend_calls [--quick] [--calls N] [--rounds R] [--warmup W]
-                                       [--output PATH]
 
 One etcd (:class:`etcd_rdzv.testing.EtcdServer`, loopback, fsync on, v2 API enabled) serves
 every etcd variant, each on its own key; a ``TCPStore`` served by this process serves c10d:
@@ -26,21 +23,19 @@ Each round runs every variant for ``--calls`` sequential calls, the order rotate
 to round so that machine noise falls on all of them alike. The asyncio variants run on one
 event loop of the main thread, driven only during their own phase, so the sync variants are
 always called from a thread with no running loop. Setup and ``--warmup`` calls (the first
-``set_state`` grants a lease) are not measured. Timings are printed and written as Markdown;
-nothing about them is asserted: the machine may be shared and noisy.
+``set_state`` grants a lease) are not measured. Nothing about the timings is asserted: the
+machine may be shared and noisy.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
-import shlex
 import statistics
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,40 +43,37 @@ from typing import Any
 import aetcd
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import RendezvousBackend
 
-from etcd_rdzv._connection import EtcdClient
-from etcd_rdzv.backend import AsyncEtcdRendezvousBackend
+from etcd_rdzv import AsyncEtcdRendezvousBackend, EtcdClient, EtcdConfig
 from etcd_rdzv.codec import HEADER_SIZE
-from etcd_rdzv.config import EtcdConfig, parse_endpoints
-from etcd_rdzv.elastic.backend import EtcdRendezvousBackend
+from etcd_rdzv.config import parse_endpoints
+from etcd_rdzv.elastic import EtcdRendezvousBackend
 
 from . import _backends, _plots
 from ._backends import C10D, ETCD_V2, BenchServers
-from ._common import (
-    RESULTS_DIR,
-    Loop,
-    exit_on_sigterm,
-    machine_description,
-    markdown_table,
-    non_negative,
-    now_utc,
-    percentile,
-    positive,
-    write_text,
-)
+from ._common import Loop, Topic, Verdict, markdown_table, option, percentile
 
-__all__ = ["DEFAULT_OUTPUT", "CallResults", "Variant", "collect", "main", "markdown", "run"]
+__all__ = ["TOPIC", "CallResults", "Settings", "measure"]
 
-DEFAULT_OUTPUT = RESULTS_DIR / "backend_calls.md"
 STATE_SIZE = 300
 KEY_PREFIX = "/etcd-rdzv-bench"
 #: Per-RPC deadline of the raw client (aetcd's default, None, waits forever on a hung server).
 RAW_TIMEOUT = 5.0
 #: The backend's lease is ttl + window (7200 + 60 s by default); the raw floor's put too.
 RAW_LEASE_TTL = 7260
-#: (calls per variant per round, rounds, warm-up calls per variant)
-#: Many short rounds interleave better than a few long ones on a machine whose load drifts.
-FULL = (100, 15, 30)
-QUICK = (30, 4, 10)
+#: The targets: the shim's ceiling over the raw floor, the conflict path's floor over etcd-v2.
+SHIM_FLOOR_TARGET = 1.2
+CONFLICT_SPEEDUP_TARGET = 2.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Many short rounds interleave better than a few long ones on a machine whose load drifts.
+    calls: int = option(100, "sequential calls per variant per round")
+    rounds: int = option(15, "rounds, the variant order rotated each round")
+    warmup: int = option(30, "unmeasured calls per variant first", low=0)
+
+
+QUICK = Settings(calls=30, rounds=4, warmup=10)
 
 RAW_TXN, RAW_STALE, RAW_GET = "raw txn", "raw txn stale", "raw get"
 GET, SET, STALE = "get_state", "set_state", "set_state stale"
@@ -468,41 +460,17 @@ def _us(ns: float) -> str:
     return f"{ns / 1000:,.1f}"
 
 
-def format_tables(results: CallResults) -> str:
-    """The latency table and the ratio-to-floor table, in Markdown."""
-    rows = []
-    for result in results.results:
-        samples = sorted(result.all)
-        rows.append([result.variant, len(samples), _us(statistics.median(samples)),
-                     _us(percentile(samples, 0.9)), _us(samples[0]), _us(samples[-1])])
-    latency = markdown_table(
-        ["variant", "calls", "median µs", "p90 µs", "min µs", "max µs"], rows)
-    rows = []
-    for result in results.results:
-        if result.floor is None:
-            continue
-        floor = results.by_name(result.floor)
-        per_round = paired_ratios(result, floor)
-        rows.append([result.variant, result.floor, f"{result.median / floor.median:.2f}",
-                     _us(result.median - floor.median),
-                     f"{statistics.median(per_round):.2f} ({min(per_round):.2f} to "
-                     f"{max(per_round):.2f})"])
-    ratios = markdown_table(
-        ["variant", "floor", "median / floor median", "overhead µs",
-         "per-round ratio: median (min to max)"], rows, "llrrr")
-    return f"{latency}\n\n{ratios}"
+def _spread(ratios: list[float]) -> str:
+    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f} to {max(ratios):.2f})"
 
 
 def _ratio_cell(mine: Result | None, theirs: Result | None) -> str:
-    if mine is None or theirs is None:
-        return "n/a"
-    per_round = paired_ratios(mine, theirs)
-    return f"{statistics.median(per_round):.2f} ({min(per_round):.2f} to {max(per_round):.2f})"
+    return "n/a" if mine is None or theirs is None else _spread(paired_ratios(mine, theirs))
 
 
-def comparison_table(results: CallResults) -> str:
-    """One row per call: each family's median µs, then the ratios the targets are about."""
-    rows = []
+def fragments(results: CallResults) -> dict[str, str]:
+    """The settings, the comparison table, the latency table and the ratio-to-floor table."""
+    comparison = []
     for op in OPS:
         cells: list[object] = [f"`{op}`"]
         for family, _heading in FAMILIES:
@@ -512,63 +480,83 @@ def comparison_table(results: CallResults) -> str:
         cells += [_ratio_cell(shim, results.get("raw", op)),
                   _ratio_cell(results.get(ETCD_V2, op), shim),
                   _ratio_cell(results.get(C10D, op), shim)]
-        rows.append(cells)
-    return markdown_table(
-        ["call", *(f"{heading} µs" for _, heading in FAMILIES), "shim / floor",
-         "etcd-v2 / shim", "c10d / shim"], rows)
-
-
-def targets(results: CallResults) -> dict[str, float | None]:
-    """The per-round-median ratios the targets are stated in (None: not measured)."""
-
-    def ratio(a: Result | None, b: Result | None) -> float | None:
-        return None if a is None or b is None else statistics.median(paired_ratios(a, b))
-
+        comparison.append(cells)
+    latency = []
+    for result in results.results:
+        samples = sorted(result.all)
+        latency.append([result.variant, len(samples), _us(statistics.median(samples)),
+                        _us(percentile(samples, 0.9)), _us(samples[0]), _us(samples[-1])])
+    ratios = []
+    for result in results.results:
+        if result.floor is not None:
+            floor = results.by_name(result.floor)
+            ratios.append([result.variant, result.floor, f"{result.median / floor.median:.2f}",
+                           _us(result.median - floor.median),
+                           _spread(paired_ratios(result, floor))])
+    settings = (f"- state: {STATE_SIZE} random bytes ({STATE_SIZE + HEADER_SIZE} stored by "
+                f"etcd-v3, {(STATE_SIZE + 2) // 3 * 4} base64 bytes by etcd-v2 and c10d); "
+                f"{results.calls} sequential calls per variant per round, {results.rounds} "
+                f"rounds, variant order rotated each round; {results.warmup} warm-up calls per "
+                "variant and the setup (lease grant) not measured")
     return {
-        "shim get / raw get": ratio(results.get("etcd-v3 shim", GET), results.get("raw", GET)),
-        "shim set / raw txn": ratio(results.get("etcd-v3 shim", SET), results.get("raw", SET)),
-        "shim stale / raw stale": ratio(results.get("etcd-v3 shim", STALE),
-                                        results.get("raw", STALE)),
-        "v2 stale / shim stale": ratio(results.get(ETCD_V2, STALE),
-                                       results.get("etcd-v3 shim", STALE)),
+        "settings": "\n".join([settings, *(f"- skipped: {kind}: {why}"
+                                           for kind, why in results.skipped.items())]),
+        "comparison": markdown_table(
+            ["call", *(f"{heading} µs" for _, heading in FAMILIES), "shim / floor",
+             "etcd-v2 / shim", "c10d / shim"], comparison),
+        "latency": markdown_table(
+            ["variant", "calls", "median µs", "p90 µs", "min µs", "max µs"], latency),
+        "ratios": markdown_table(
+            ["variant", "floor", "median / floor median", "overhead µs",
+             "per-round ratio: median (min to max)"], ratios, "llrrr"),
     }
 
 
-def settings_line(results: CallResults) -> str:
-    return (f"state: {STATE_SIZE} random bytes ({STATE_SIZE + HEADER_SIZE} stored by etcd-v3, "
-            f"{(STATE_SIZE + 2) // 3 * 4} base64 bytes by etcd-v2 and c10d); "
-            f"{results.calls} sequential calls per variant per round, {results.rounds} rounds, "
-            f"variant order rotated each round; {results.warmup} warm-up calls per variant and "
-            "the setup (lease grant) not measured")
+def _ratio(mine: Result | None, theirs: Result | None) -> float | None:
+    return None if mine is None or theirs is None \
+        else statistics.median(paired_ratios(mine, theirs))
 
 
-NOTES = (
-    "Ratios are taken per round (the medians of one round: the same minutes of machine "
-    "load), then their median, min and max over the rounds are given: the least drift-prone "
-    "figure on a shared machine. Floors are raw aetcd calls from asyncio: `raw get` a "
-    "linearizable get, `raw txn` the CAS Txn that writes (compare mod_revision → put with a "
-    "lease, else range), `raw txn stale` the same Txn with a stale revision (the range "
-    "answers). The sync shim's figures include the hop to the portal's event-loop thread and "
-    "back. etcd-v2 needs two round trips on conflict (a refused write, then a read); etcd-v3 "
-    "and c10d one. c10d's `TCPStore` server runs in the benchmark's process (a C++ thread). "
-    "The backend grants a lease at most once a minute: a run longer than that shows one "
-    "grant in the max of a set_state variant. Compare variants within one run only."
-)
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
 
 
-def markdown(results: CallResults) -> str:
-    """The section body: settings, the comparison table, the detailed tables, notes."""
-    skipped = [f"- skipped: {kind}: {why}" for kind, why in results.skipped.items()]
-    return "\n".join([
-        f"- {settings_line(results)}",
-        *skipped,
-        "",
-        comparison_table(results),
-        "",
-        format_tables(results),
-        "",
-        NOTES,
-    ])
+def verdicts(results: CallResults) -> list[Verdict]:
+    """The shim's ceiling over the raw floor; the conflict path's speed-up over etcd-v2."""
+    get, put, stale = (_ratio(results.get("etcd-v3 shim", op), results.get("raw", op))
+                       for op in OPS)
+    known = [r for r in (get, put) if r is not None]
+    worst = max(known) if known else None
+    speedup = _ratio(results.get(ETCD_V2, STALE), results.get("etcd-v3 shim", STALE))
+    return [
+        Verdict("shim", f"sync shim within {SHIM_FLOOR_TARGET}x of the raw aetcd floor per call",
+                f"get_state {_fmt(get)}, set_state {_fmt(put)} (conflicting set_state "
+                f"{_fmt(stale)})", None if worst is None else worst <= SHIM_FLOOR_TARGET,
+                "" if worst is None else
+                f"{(worst / SHIM_FLOOR_TARGET - 1) * 100:.0f}% over the "
+                f"{SHIM_FLOOR_TARGET:g}x ceiling"),
+        Verdict("conflict", f"set_state on conflict at least {CONFLICT_SPEEDUP_TARGET:g}x "
+                "faster than etcd-v2", f"etcd-v2 / etcd-v3 shim: {_fmt(speedup)}",
+                None if speedup is None else speedup >= CONFLICT_SPEEDUP_TARGET,
+                "" if speedup is None else
+                f"{(1 - speedup / CONFLICT_SPEEDUP_TARGET) * 100:.0f}% short of the "
+                f"{CONFLICT_SPEEDUP_TARGET:g}x floor"),
+    ]
+
+
+def facts(results: CallResults) -> dict[str, str]:
+    """Medians the notes on missed targets quote: ``shim_get``, ``v2_stale``, ..."""
+    found: dict[str, str] = {}
+    medians: dict[str, float] = {}
+    for key, family in (("v2", ETCD_V2), ("raw", "raw"), ("shim", "etcd-v3 shim")):
+        for suffix, op in (("get", GET), ("set", SET), ("stale", STALE)):
+            result = results.get(family, op)
+            if result is not None:
+                medians[f"{key}_{suffix}"] = result.median
+                found[f"{key}_{suffix}"] = f"{result.median / 1000:,.0f} µs"
+    if "v2_stale" in medians and "raw_stale" in medians:
+        found["floor_ratio"] = f"{medians['v2_stale'] / medians['raw_stale']:.2f}x"
+    return found
 
 
 def plot(results: CallResults, directory: Path) -> list[Path]:
@@ -600,68 +588,17 @@ def plot(results: CallResults, directory: Path) -> list[Path]:
     return [_plots.save(figure, directory / "backend_calls.png")]
 
 
-def report(results: CallResults, *, command: str) -> str:
-    return "\n".join([
-        "# Backend call latency",
-        "",
-        f"- command: `{command}`",
-        f"- date: {now_utc()}",
-        *machine_description(),
-        markdown(results),
-        "",
-    ])
-
-
-def collect(*, calls: int, rounds: int, warmup: int) -> CallResults:
+def collect(settings: Settings, progress: Callable[[str], None]) -> CallResults:
     """Start etcd (v2 API on) and a TCPStore, measure, stop them."""
     with BenchServers() as servers:
-        return measure(servers, calls=calls, rounds=rounds, warmup=warmup)
+        return measure(servers, calls=settings.calls, rounds=settings.rounds,
+                       warmup=settings.warmup)
 
 
-def run(*, calls: int, rounds: int, warmup: int, output: Path, command: str) -> str:
-    """Measure, write the report to ``output`` and return it."""
-    results = collect(calls=calls, rounds=rounds, warmup=warmup)
-    text = report(results, command=command)
-    write_text(output, text)
-    return text
-
-
-def settings(quick: bool, calls: int | None = None, rounds: int | None = None,
-             warmup: int | None = None) -> tuple[int, int, int]:
-    """(calls, rounds, warmup) for full or quick mode, with overrides."""
-    default_calls, default_rounds, default_warmup = QUICK if quick else FULL
-    calls = calls if calls is not None else default_calls
-    rounds = rounds if rounds is not None else default_rounds
-    warmup = warmup if warmup is not None else min(default_warmup, calls)
-    return calls, rounds, warmup
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.backend_calls",
-        description="Per-call latency of the rendezvous backends against raw aetcd calls.",
-    )
-    parser.add_argument("--quick", action="store_true",
-                        help=f"fewer calls: {QUICK[0]} per variant per round, {QUICK[1]} rounds")
-    parser.add_argument("--calls", type=positive, default=None,
-                        help=f"calls per variant per round (default {FULL[0]})")
-    parser.add_argument("--rounds", type=positive, default=None,
-                        help=f"rounds (default {FULL[1]})")
-    parser.add_argument("--warmup", type=non_negative, default=None,
-                        help=f"unmeasured calls per variant first (default {FULL[2]})")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
-                        help="the Markdown report (default: benchmarks/results/backend_calls.md)")
-    args = parser.parse_args(args_list)
-    calls, rounds, warmup = settings(args.quick, args.calls, args.rounds, args.warmup)
-    command = shlex.join([sys.executable, "-m", "benchmarks.backend_calls", *args_list])
-    with exit_on_sigterm():
-        text = run(calls=calls, rounds=rounds, warmup=warmup, output=args.output,
-                   command=command)
-    print(text)
-    print(f"Written to {args.output}")
-    return 0
-
+TOPIC: Topic[Settings, CallResults] = Topic(
+    "calls", __name__, Settings(), QUICK, collect, fragments, plot, verdicts, facts)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .run_all import main
+
+    sys.exit(main(topic=TOPIC.name))

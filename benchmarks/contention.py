@@ -17,46 +17,43 @@ At the end the counter must equal the number of successful writes (no update los
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import shlex
 import statistics
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from etcd_rdzv.testing.agents import AgentPool, worker_index
+
 from . import _backends, _plots
 from ._backends import C10D, ETCD_V2, ETCD_V3, BenchServers
-from ._common import (
-    RESULTS_DIR,
-    Spread,
-    exit_on_sigterm,
-    machine_description,
-    markdown_table,
-    now_utc,
-    positive,
-    progress,
-    publish,
-)
-from ._pool import WorkerPool
+from ._common import Spread, Topic, markdown_table, option
 
-__all__ = ["ContentionResults", "collect", "main", "markdown"]
+__all__ = ["TOPIC", "ContentionResults", "Settings", "collect"]
 
-DEFAULT_OUTPUT = RESULTS_DIR / "contention.md"
-#: (tasks, processes, backoffs, seconds per case, rounds)
-FULL = ((8, 32, 128, 256), (2, 4, 8), (0.0, 0.02, 0.05), 2.0, 2)
-QUICK = ((8, 32), (2, 4), (0.0, 0.05), 1.0, 1)
+
+@dataclass(frozen=True)
+class Settings:
+    tasks: tuple[int, ...] = option((8, 32, 128, 256), "asyncio tasks writing (none: skip)")
+    processes: tuple[int, ...] = option((2, 4, 8), "processes writing (none: skip)")
+    backoffs: tuple[float, ...] = option((0.0, 0.02, 0.05), "conflict_backoff values, seconds",
+                                         low=0)
+    seconds: float = option(2.0, "seconds per case", low=0.01)
+    rounds: int = option(2, "rounds, cases interleaved")
+
+
+QUICK = Settings(tasks=(8, 32), processes=(2, 4), backoffs=(0.0, 0.05), seconds=1.0, rounds=1)
 STATE_SIZE = 300
 PRELOAD = (
     "torch.distributed.elastic.rendezvous.c10d_rendezvous_backend",
     "torch.distributed.elastic.rendezvous.etcd_rendezvous_backend",
     "etcd_rdzv.elastic.backend",
     "etcd_rdzv.elastic.store",
-    "benchmarks._backends",
+    __name__,
 )
 
 
@@ -117,9 +114,10 @@ async def _async_case(endpoint: str, tasks: int, backoff: float, seconds: float,
     return list(counts), decode(final[0])
 
 
-def process_writer(kind: str, endpoint: str, run_id: str, writer: int, backoff: float,
-                   start_at: float, seconds: float) -> WriterCount:
-    """One process's writer through torch's interface (run by the worker pool)."""
+def process_writer(kind: str, endpoint: str, run_id: str, backoff: float, start_at: float,
+                   seconds: float) -> WriterCount:
+    """One process's writer through torch's interface (run by the agent pool)."""
+    writer = worker_index()
     config: dict[str, object] = {"read_timeout": 60}
     if kind == ETCD_V3 and backoff:
         config["conflict_backoff"] = backoff
@@ -204,10 +202,9 @@ def _check(case: Case) -> None:
                               f"{case.final} after {case.successes} successful writes")
 
 
-def collect(*, tasks: Sequence[int], processes: Sequence[int], backoffs: Sequence[float],
-            seconds: float, rounds: int, progress: Callable[[str], None] | None = None,
-            ) -> ContentionResults:
-    say = progress or (lambda line: None)
+def collect(settings: Settings, say: Callable[[str], None]) -> ContentionResults:
+    tasks, processes, backoffs, seconds, rounds = (
+        settings.tasks, settings.processes, settings.backoffs, settings.seconds, settings.rounds)
     results = ContentionResults(seconds=seconds, rounds=rounds)
     v2 = _backends.v2_unavailable()
     if v2 is not None:
@@ -233,7 +230,7 @@ def collect(*, tasks: Sequence[int], processes: Sequence[int], backoffs: Sequenc
         if v2 is None:
             kinds.append((ETCD_V2, ETCD_V2, 0.0))
         kinds.append((C10D, C10D, 0.0))
-        with WorkerPool(max(processes), PRELOAD) as pool:
+        with AgentPool(max(processes), PRELOAD) as pool:
             for index in range(rounds):
                 shift = index % len(kinds)
                 for n in processes:
@@ -244,9 +241,9 @@ def collect(*, tasks: Sequence[int], processes: Sequence[int], backoffs: Sequenc
                             created = backend.set_state(encode(0, -1), None)
                             assert created is not None and created[2]
                             start_at = time.monotonic() + 0.5
-                            counts = pool.call(n, process_writer, [
-                                (kind, where, run_id, writer, backoff, start_at, seconds)
-                                for writer in range(n)], seconds + 120.0)
+                            counts = pool.call(process_writer, kind, where, run_id, backoff,
+                                               start_at, seconds, workers=range(n),
+                                               timeout=seconds + 120.0)
                             last = backend.get_state()
                         assert last is not None
                         case = Case("processes", label, n, backoff, seconds, counts,
@@ -282,32 +279,15 @@ def table(results: ContentionResults, setting: str) -> str:
                            "writers with no success", "writes checked"], rows, "lrrrrr")
 
 
-NOTES = (
-    "Successful CAS/s and attempts per success: median (min to max) over the rounds. Each "
-    "case uses a fresh key; the counter in the state equals the successful writes at the "
-    "end of every case (checked: no update lost, none applied twice). asyncio tasks share one "
-    "gRPC channel and one event loop, so past a few dozen tasks the client's CPU, not etcd, "
-    "bounds the rate; processes are separate clients (etcd-v2: HTTP, c10d: a TCPStore "
-    "connection each). Every etcd write is fsynced; c10d's TCPStore keeps the state in memory. "
-    "A conflict costs etcd-v3 one round trip (the failed Txn returns the current state), "
-    "etcd-v2 two (the refused write, then a read); with `conflict_backoff` a conflict also "
-    "pauses a random time up to the backoff and reads afresh."
-)
-
-
-def markdown(results: ContentionResults) -> str:
-    lines = [
-        f"- {results.seconds:g} s per case, {results.rounds} round(s), cases interleaved",
-        *(f"- skipped: {k}: {why}" for k, why in results.skipped.items()),
-        "",
-        "asyncio tasks (etcd-v3, one process):",
-        "",
-        table(results, "tasks"),
-    ]
-    if results.writers("processes"):
-        lines += ["", "Processes (one sync writer each, torch's interface):", "",
-                  table(results, "processes")]
-    return "\n".join([*lines, "", NOTES])
+def fragments(results: ContentionResults) -> dict[str, str]:
+    return {
+        "settings": "\n".join([
+            f"- {results.seconds:g} s per case, {results.rounds} round(s), cases interleaved",
+            *(f"- skipped: {k}: {why}" for k, why in results.skipped.items())]),
+        "tasks_table": table(results, "tasks"),
+        "processes_table": "Processes (one sync writer each, torch's interface):\n\n"
+        + table(results, "processes") if results.writers("processes") else "",
+    }
 
 
 def plot(results: ContentionResults, directory: Path) -> list[Path]:
@@ -343,41 +323,10 @@ def plot(results: ContentionResults, directory: Path) -> list[Path]:
     return [_plots.save(figure, directory / "contention.png")]
 
 
-def report(results: ContentionResults, *, command: str) -> str:
-    return "\n".join(["# Contention on one key", "", f"- command: `{command}`",
-                      f"- date: {now_utc()}", *machine_description(), markdown(results), ""])
-
-
-def settings(quick: bool) -> tuple[tuple[int, ...], tuple[int, ...], tuple[float, ...],
-                                   float, int]:
-    return QUICK if quick else FULL
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.contention",
-                                     description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--tasks", type=positive, nargs="*", default=None)
-    parser.add_argument("--processes", type=positive, nargs="*", default=None)
-    parser.add_argument("--backoffs", type=float, nargs="+", default=None)
-    parser.add_argument("--seconds", type=float, default=None)
-    parser.add_argument("--rounds", type=positive, default=None)
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    args = parser.parse_args(args_list)
-    tasks, processes, backoffs, seconds, rounds = settings(args.quick)
-    command = shlex.join(["python", "-m", "benchmarks.contention", *args_list])
-    with exit_on_sigterm():
-        results = collect(
-            tasks=tasks if args.tasks is None else args.tasks,
-            processes=processes if args.processes is None else args.processes,
-            backoffs=backoffs if args.backoffs is None else args.backoffs,
-            seconds=seconds if args.seconds is None else args.seconds,
-            rounds=rounds if args.rounds is None else args.rounds, progress=progress)
-    text = report(results, command=command)
-    publish(args.output, text)
-    return 0
-
+TOPIC: Topic[Settings, ContentionResults] = Topic(
+    "contention", __name__, Settings(), QUICK, collect, fragments, plot)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .run_all import main
+
+    sys.exit(main(topic=TOPIC.name))

@@ -1,20 +1,20 @@
 """How fast torch's heartbeat rewrites grow etcd's database, with and without compaction.
 
+    python -m benchmarks.history_growth [--quick] [--nodes 100 1000] [--writes 1000]
+
 torch's handler rewrites the whole state every ``keep_alive_interval`` (5 s) for every
 node: N nodes make N/5 full-state writes a second. etcd keeps every revision until it is
-compacted, so the database grows by about one compressed state per write.
-
-    python -m benchmarks.history_growth [--nodes 100 1000] [--writes 1000] [--output PATH]
+compacted, so the database grows by about one compressed state per write. Each case gets a
+fresh etcd, so that no case reuses pages another one freed. Not part of ``make bench``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import platform
 import sys
 import time
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from etcd_rdzv import AsyncEtcdRendezvousBackend, Deadline, EtcdClient, EtcdConfig
 from etcd_rdzv.codec import StateCodec
@@ -22,89 +22,108 @@ from etcd_rdzv.config import parse_endpoints
 from etcd_rdzv.testing import EtcdServer
 from etcd_rdzv.testing.states import torch_state
 
+from ._common import Topic, markdown_table, option
+
+__all__ = ["TOPIC", "Growth", "Settings", "collect"]
+
 QUOTA = 2 * 1024**3  # etcd's default --quota-backend-bytes
 KEEP_ALIVE_INTERVAL = 5.0
 
 
-async def grow(endpoint: str, nodes: int, writes: int, compact_interval: float) -> dict[str, float]:
+@dataclass(frozen=True)
+class Settings:
+    nodes: tuple[int, ...] = option((100, 1000), "nodes in the state")
+    writes: int = option(1000, "heartbeat writes per case", low=2)
+
+
+QUICK = Settings(nodes=(100,), writes=200)
+
+
+@dataclass(frozen=True)
+class Growth:
+    """One case: a state of ``nodes`` rewritten ``writes`` times."""
+
+    nodes: int
+    compact_interval: float
+    raw: int
+    stored: int
+    writes: int
+    growth: int
+    """etcd's database size after the writes minus before, bytes."""
+    late_growth: int
+    """The same over the second half of the writes."""
+
+    @property
+    def late_per_write(self) -> float:
+        return self.late_growth / (self.writes - self.writes // 2)
+
+    @property
+    def write_rate(self) -> float:
+        """Full-state writes a second under torch's heartbeats."""
+        return self.nodes / KEEP_ALIVE_INTERVAL
+
+
+async def _db_size(client: EtcdClient) -> int:
+    return (await client.status(Deadline.after(10))).db_size
+
+
+async def grow(endpoint: str, nodes: int, writes: int, compact_interval: float) -> Growth:
     config = EtcdConfig(endpoints=parse_endpoints(endpoint), read_timeout=30)
     state = torch_state(nodes)
-    stored = len(StateCodec().encode(state, key=b"k"))
     async with EtcdClient(config) as client:
         backend = AsyncEtcdRendezvousBackend(client, f"growth-{nodes}-{compact_interval:g}",
                                              compact_interval=compact_interval)
-        before = (await client.status(Deadline.after(10))).db_size
+        before = await _db_size(client)
         result = await backend.set_state(state)
         assert result is not None
         token = result[1]
-        started = time.monotonic()
         halfway = before
         for index in range(writes):
             if index == writes // 2:
-                halfway = (await client.status(Deadline.after(10))).db_size
+                halfway = await _db_size(client)
             # Each heartbeat changes one timestamp; the pickle keeps its size.
             result = await backend.set_state(state[:-8] + index.to_bytes(8, "big"), token)
             assert result is not None and result[2]
             token = result[1]
-        elapsed = time.monotonic() - started
         await asyncio.sleep(1.5)  # let a background compaction land
-        after = (await client.status(Deadline.after(10))).db_size
-    growth = after - before
-    late_growth = after - halfway
-    rate = nodes / KEEP_ALIVE_INTERVAL  # full-state writes a second under torch's heartbeats
-    per_write = growth / writes
-    return {
-        "nodes": nodes, "raw": len(state), "stored": stored, "writes": writes,
-        "growth": growth, "per_write": per_write, "write_rate": rate,
-        "late_per_write": late_growth / (writes - writes // 2),
-        "writes_per_s": writes / elapsed,
-    }
+        after = await _db_size(client)
+    return Growth(nodes, compact_interval, len(state), len(StateCodec().encode(state, key=b"k")),
+                  writes, after - before, after - halfway)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", type=int, nargs="+", default=[100, 1000])
-    parser.add_argument("--writes", type=int, default=1000)
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/history_growth.md"))
-    args = parser.parse_args(argv)
-    rows = []
-    for nodes in args.nodes:
+def collect(settings: Settings, say: Callable[[str], None]) -> list[Growth]:
+    cases = []
+    for nodes in settings.nodes:
         for compact in (0.0, 1.0):
-            # A fresh etcd per case, so that no case reuses pages another one freed.
+            started = time.monotonic()
             with EtcdServer() as server:
-                rows.append((compact, asyncio.run(grow(server.get_endpoint(), nodes,
-                                                       args.writes, compact))))
-    lines = [
-        "| nodes | raw state | stored | compaction | writes | db growth | per write | "
-        "second half, per write | heartbeat writes/s | fills 2 GiB in |",
-        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for compact, row in rows:
-        late = row["late_per_write"]
-        fill = f"{QUOTA / (late * row['write_rate']) / 60:,.0f} min" if late > 0 else \
-            "not growing"
-        lines.append(
-            f"| {row['nodes']:,.0f} | {row['raw']:,.0f} B | {row['stored']:,.0f} B | "
-            f"{'every 1 s' if compact else 'off'} | {row['writes']:,.0f} | "
-            f"{row['growth'] / 1e6:,.1f} MB | {row['per_write'] / 1e3:,.1f} KB | "
-            f"{late / 1e3:,.1f} KB | {row['write_rate']:,.0f} | {fill} |"
-        )
-    report = "\n".join([
-        f"Command: `python -m benchmarks.history_growth {' '.join(argv or sys.argv[1:])}`",
-        f"Machine: {platform.machine()}, Python {platform.python_version()}",
-        "",
-        *lines,
-        "",
-        "db growth is etcd's dbSize after minus before; \"second half\" is the growth per write "
-        "over the last half of the writes, which the time to fill etcd's default 2 GiB quota "
-        "at torch's heartbeat rate (nodes / 5 s) is computed from. Pages freed by compaction "
-        "are reused, not returned: defragment to shrink the file.",
-    ])
-    print(report)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(report + "\n")
-    return 0
+                cases.append(asyncio.run(grow(server.get_endpoint(), nodes, settings.writes,
+                                              compact)))
+            say(f"history growth: {nodes} nodes, compaction {compact:g}: "
+                f"{time.monotonic() - started:.0f} s")
+    return cases
 
+
+def fragments(cases: list[Growth]) -> dict[str, str]:
+    rows = []
+    for case in cases:
+        late = case.late_per_write
+        fill = f"{QUOTA / (late * case.write_rate) / 60:,.0f} min" if late > 0 else \
+            "not growing"
+        rows.append([f"{case.nodes:,}", f"{case.raw:,} B", f"{case.stored:,} B",
+                     "every 1 s" if case.compact_interval else "off", f"{case.writes:,}",
+                     f"{case.growth / 1e6:,.1f} MB", f"{case.growth / case.writes / 1e3:,.1f} KB",
+                     f"{late / 1e3:,.1f} KB", f"{case.write_rate:,.0f}", fill])
+    return {"growth_table": markdown_table(
+        ["nodes", "raw state", "stored", "compaction", "writes", "db growth", "per write",
+         "second half, per write", "heartbeat writes/s", "fills 2 GiB in"], rows,
+        "rrrlrrrrrr")}
+
+
+TOPIC: Topic[Settings, list[Growth]] = Topic(
+    "growth", __name__, Settings(), QUICK, collect, fragments)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .run_all import main
+
+    sys.exit(main(topic=TOPIC.name))

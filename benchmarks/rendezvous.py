@@ -1,7 +1,7 @@
 """Time to rendezvous through torch's ``DynamicRendezvousHandler``, N agents, per backend.
 
     python -m benchmarks.rendezvous [--quick] [--sizes 2 8 32 64] [--lever-sizes 8 32 64]
-                                    [--backoffs 0.02 0.05] [--trials 3] [--output PATH]
+                                    [--backoffs 0.02 0.05] [--trials 3]
 
 N agent processes (``min_nodes = max_nodes = N``) meet through torch's own handler over:
 etcd-v3 (this project; ``wait=poll``, torch's stock handler, and ``wait=watch``, the fast
@@ -9,8 +9,9 @@ handler, when it is available), torch's etcd-v2 (python-etcd, against the same e
 ``--enable-v2=true``) and torch's c10d (a ``TCPStore`` served by this process). With the
 collision lever, etcd-v3 runs again with ``conflict_backoff`` at each ``--backoffs`` value.
 
-The agents are a pool of processes started once (64 processes importing torch on 2 cores take
-about a minute): each trial builds a fresh handler in every agent (new run id, so round 0),
+The agents are one :class:`~etcd_rdzv.testing.agents.AgentPool` started once (64 processes
+importing torch on 2 cores take about a minute): each trial builds a fresh handler in every
+agent (new run id, so round 0),
 then all agents start ``next_rendezvous()`` at one instant of the shared monotonic clock
 after their imports and connections are done. A trial's time is from that instant until the
 last agent returns from ``next_rendezvous()`` (which includes reading MASTER_ADDR from the
@@ -25,10 +26,7 @@ wrapping that function in the agent process only.
 
 from __future__ import annotations
 
-import argparse
-import faulthandler
 import gc
-import shlex
 import statistics
 import sys
 import time
@@ -38,36 +36,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from etcd_rdzv.testing import agents
+from etcd_rdzv.testing.agents import AgentPool, AgentResult, AgentSpec, RendezvousFailed
+
 from . import _backends, _plots
 from ._backends import C10D, ETCD_V2, ETCD_V3, BenchServers, CallCounts
-from ._common import (
-    RESULTS_DIR,
-    Spread,
-    exit_on_sigterm,
-    machine_description,
-    markdown_table,
-    now_utc,
-    positive,
-    positive_float,
-    progress,
-    publish,
-)
-from ._pool import WorkerPool
+from ._common import Spread, Topic, Verdict, markdown_table, option
 
 if TYPE_CHECKING:
-    pass
+    from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousParameters
 
-__all__ = ["DEFAULT_OUTPUT", "RendezvousResults", "Variant", "collect", "main", "markdown"]
+__all__ = ["TOPIC", "RendezvousResults", "Settings", "Variant", "collect"]
 
-DEFAULT_OUTPUT = RESULTS_DIR / "rendezvous.md"
-#: (sizes, lever sizes, trials)
-FULL = ((2, 8, 32, 64), (8, 32, 64), 5)
-QUICK = ((2, 8, 16), (8, 16), 1)
-BACKOFFS = (0.02, 0.05, 0.1)
 #: Bounds on one trial; a rendezvous that takes this long has failed.
 JOIN_TIMEOUT = 120
-#: How long the pool may take to start (imports of torch on a busy 2-core machine).
-POOL_START_TIMEOUT = 600.0
+#: The collision lever's target: at this N, at most this fraction of c10d's time.
+LEVER_TARGET = 0.5
+LEVER_N = 32
+
+
+@dataclass(frozen=True)
+class Settings:
+    sizes: tuple[int, ...] = option((2, 8, 32, 64), "agent counts (min_nodes = max_nodes = N)")
+    lever_sizes: tuple[int, ...] = option((8, 32, 64), "agent counts of the conflict_backoff runs")
+    backoffs: tuple[float, ...] = option((0.02, 0.05, 0.1), "conflict_backoff values, seconds",
+                                         low=0.001)
+    trials: int = option(5, "trials per variant and size")
+
+
+QUICK = Settings(sizes=(2, 8, 16), lever_sizes=(8, 16), trials=1)
 
 
 @dataclass(frozen=True)
@@ -92,6 +89,8 @@ class Variant:
             options["wait"] = "watch" if self.watch else "poll"
             if self.backoff:
                 options["conflict_backoff"] = self.backoff
+        if self.kind == C10D:
+            options["is_host"] = False  # the TCPStore is served by the benchmark's process
         return options
 
 
@@ -128,34 +127,16 @@ def watch_unavailable() -> str | None:
 
 
 @dataclass(frozen=True)
-class AgentSpec:
-    """What one agent builds for a trial."""
+class AgentReport(AgentResult):
+    """What one agent saw of one rendezvous, with its calls and torch's sleeps."""
 
-    variant: Variant
-    endpoint: str
-    run_id: str
-    n: int
-    timeout: int
-    """torch's ``join_timeout`` and ``close_timeout``, seconds."""
-
-
-@dataclass(frozen=True)
-class AgentReport:
-    """What one agent saw of one rendezvous."""
-
-    index: int
-    rank: int
-    world_size: int
-    round: int
-    seconds: float
-    """From the common start instant to the return of ``next_rendezvous()``."""
-    counts: CallCounts
-    jitter: float
+    counts: CallCounts = field(default_factory=CallCounts)
+    jitter: float = 0.0
     """Seconds slept in torch's round-0 jitter (``_delay((0, 0.3))``)."""
-    poll_sleep: float
+    poll_sleep: float = 0.0
     """Seconds slept in torch's 1 s polls (``_delay(1)``)."""
-    polls: int
-    store: float
+    polls: int = 0
+    store: float = 0.0
     """Seconds in torch's ``RendezvousStoreInfo.build``: rank 0 sets MASTER_ADDR and
     MASTER_PORT in the rendezvous store, the others wait for them there."""
 
@@ -174,74 +155,16 @@ class _Sleeps:
     store: float = 0.0
 
 
-class _Agent:
-    """The state of one agent process between commands."""
+# --- in the agent process: state in module globals between commands ----------------------
 
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.sleeps = _Sleeps()
-        self.handler: Any = None
-        self.proxy: _backends.CountingBackend | None = None
-
-    def setup(self, spec: AgentSpec) -> None:
-        from torch.distributed.elastic.rendezvous import dynamic_rendezvous
-
-        variant = spec.variant
-        params = _backends.parameters(variant.kind, spec.endpoint, spec.run_id,
-                                      min_nodes=spec.n, max_nodes=spec.n,
-                                      config=variant.config(spec.timeout))
-        backend, store = _backends.create_backend(variant.kind, params)
-        self.proxy = _backends.CountingBackend(backend)
-        if variant.watch:
-            from etcd_rdzv.elastic import fast_handler
-
-            self.handler = fast_handler.create_fast_handler(store, self.proxy, params)  # type: ignore[arg-type]
-            if not fast_handler.is_fast_handler(self.handler):
-                raise RuntimeError("wait=watch fell back to torch's stock handler: "
-                                   f"{fast_handler.why_unavailable(self.handler)}")
-        else:
-            self.handler = dynamic_rendezvous.create_handler(store, self.proxy, params)
-
-    def join(self, start_at: float, dump_after: float) -> AgentReport:
-        assert self.handler is not None and self.proxy is not None
-        delay = start_at - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        self.sleeps = _SLEEPS[0] = _Sleeps()
-        self.proxy.reset()
-        # An agent stuck past the trial's bounds says where, on stderr.
-        faulthandler.dump_traceback_later(dump_after)
-        try:
-            info = self.handler.next_rendezvous()
-        finally:
-            faulthandler.cancel_dump_traceback_later()
-        seconds = time.monotonic() - start_at
-        counts = self.proxy.snapshot()
-        return AgentReport(
-            index=self.index, rank=info.rank, world_size=info.world_size,
-            round=self.handler._state_holder.state.round, seconds=seconds, counts=counts,
-            jitter=self.sleeps.jitter, poll_sleep=self.sleeps.poll_sleep,
-            polls=self.sleeps.polls, store=self.sleeps.store,
-        )
-
-    def teardown(self) -> None:
-        handler, proxy, self.handler, self.proxy = self.handler, self.proxy, None, None
-        try:
-            if handler is not None:
-                handler.shutdown()
-        finally:
-            if proxy is not None:
-                _backends.close_backend(proxy)
-            del handler, proxy
-            gc.collect()  # rank 0's bootstrap TCPStore server goes with its handler
-
-
-#: torch's handler sleeps through this module global of ``dynamic_rendezvous``.
+#: The current trial's sleeps, which the instrumented ``_delay`` and ``build`` add to.
+_SLEEPS: list[_Sleeps] = []
+#: The counting proxy around this agent's backend.
+_PROXY: list[_backends.CountingBackend] = []
+#: torch's handler sleeps through this module global of ``dynamic_rendezvous``...
 _DELAY = "_delay"
 #: ... and builds the MASTER_ADDR/MASTER_PORT exchange through this static method.
 _BUILD = "build"
-#: The sleeps the instrumented ``_delay`` adds to: the current trial's (one per process).
-_SLEEPS: list[_Sleeps] = [_Sleeps()]
 
 
 def _instrument_torch() -> None:
@@ -261,12 +184,11 @@ def _instrument_torch() -> None:
             delay(seconds)
         finally:
             elapsed = time.perf_counter() - started
-            sleeps = _SLEEPS[0]
             if isinstance(seconds, tuple):
-                sleeps.jitter += elapsed
+                _SLEEPS[0].jitter += elapsed
             else:
-                sleeps.poll_sleep += elapsed
-                sleeps.polls += 1
+                _SLEEPS[0].poll_sleep += elapsed
+                _SLEEPS[0].polls += 1
 
     def timed_build(*args: Any, **kwargs: Any) -> RendezvousStoreInfo:
         started = time.perf_counter()
@@ -279,55 +201,72 @@ def _instrument_torch() -> None:
     setattr(RendezvousStoreInfo, _BUILD, staticmethod(timed_build))
 
 
-# --- commands the pool runs in the agents -------------------------------------------------
+def counted_handler(params: RendezvousParameters) -> RendezvousHandler:
+    """torch's handler (``wait=watch``: the fast one) over a counting proxy of the backend."""
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous
 
-_AGENT: list[_Agent] = []
+    from etcd_rdzv.elastic import fast_handler
+
+    backend, store = _backends.create_backend(params.backend, params)
+    _PROXY[:] = [_backends.CountingBackend(backend)]
+    if params.get("wait", "poll") != "watch":
+        return dynamic_rendezvous.create_handler(store, _PROXY[0], params)
+    handler = fast_handler.create_fast_handler(store, _PROXY[0], params)  # type: ignore[arg-type]
+    if not fast_handler.is_fast_handler(handler):
+        raise RuntimeError("wait=watch fell back to torch's stock handler: "
+                           f"{fast_handler.why_unavailable(handler)}")
+    return handler
 
 
-def agent_setup(index: int, spec: AgentSpec) -> None:
+def agent_setup(spec: AgentSpec) -> None:
     """Build this agent's handler for a trial (instrumenting torch on first use)."""
-    if not _AGENT:
+    if not _SLEEPS:
+        _SLEEPS.append(_Sleeps())
         _instrument_torch()
-        _AGENT.append(_Agent(index))
         gc.freeze()  # the imports' objects: each teardown's collection skips them
-    _AGENT[0].setup(spec)
+    agents.build_handler(spec)
 
 
 def agent_join(start_at: float, dump_after: float) -> AgentReport:
-    return _AGENT[0].join(start_at, dump_after)
+    _SLEEPS[0] = _Sleeps()
+    _PROXY[0].reset()
+    result = agents.next_rendezvous(start_at, dump_after)
+    if isinstance(result, RendezvousFailed):
+        raise RuntimeError(f"next_rendezvous raised {result.error}: {result.message}")
+    sleeps = _SLEEPS[0]
+    return AgentReport(**vars(result), counts=_PROXY[0].snapshot(), jitter=sleeps.jitter,
+                       poll_sleep=sleeps.poll_sleep, polls=sleeps.polls, store=sleeps.store)
 
 
 def agent_teardown() -> None:
-    _AGENT[0].teardown()
+    try:
+        agents.shutdown_handler()
+    finally:
+        _backends.close_backend(_PROXY.pop())
+        agents.release_handler()
 
 
 #: What the fork server imports once, so that each agent starts with torch imported.
-PRELOAD = (
-    "torch.distributed.elastic.rendezvous.dynamic_rendezvous",
-    "torch.distributed.elastic.rendezvous.c10d_rendezvous_backend",
-    "torch.distributed.elastic.rendezvous.etcd_rendezvous_backend",
-    "etcd_rdzv.elastic.backend",
-    "etcd_rdzv.elastic.store",
-    "etcd_rdzv.elastic.fast_handler",
-    "benchmarks._backends",
-)
+PRELOAD = (*agents.PRELOAD, "torch.distributed.elastic.rendezvous.c10d_rendezvous_backend",
+           "torch.distributed.elastic.rendezvous.etcd_rendezvous_backend", __name__)
 
 
-def run_trial(pool: WorkerPool, variant: Variant, n: int, endpoint: str,
+def run_trial(pool: AgentPool, variant: Variant, n: int, endpoint: str,
               timeout: int = JOIN_TIMEOUT) -> list[AgentReport]:
-    """One rendezvous of the pool's first ``n`` workers; their reports by worker index.
+    """One rendezvous of the pool's first ``n`` agents; their reports by agent index.
 
     An agent still in ``next_rendezvous()`` 10 s past ``timeout`` dumps its threads' stacks
     to stderr; 20 s past it, the trial fails (and the pool is stopped).
     """
-    run_id = f"bench-{uuid.uuid4().hex[:12]}"
-    spec = AgentSpec(variant, endpoint, run_id, n, timeout)
-    pool.call(n, agent_setup, [(index, spec) for index in range(n)], 120.0)
+    spec = AgentSpec(endpoint, f"bench-{uuid.uuid4().hex[:12]}", n, n, variant.config(timeout),
+                     backend=variant.kind, factory=counted_handler)
+    workers = range(n)
+    pool.call(agent_setup, spec, workers=workers, timeout=120.0)
     # Everyone is connected and waiting; all start at one instant of the shared clock.
     start_at = time.monotonic() + 0.1 + 0.002 * n
-    reports: list[AgentReport] = pool.call(n, agent_join, [(start_at, timeout + 10.0)] * n,
-                                           timeout + 20.0)
-    pool.call(n, agent_teardown, [()] * n, 120.0)
+    reports: list[AgentReport] = pool.call(agent_join, start_at, timeout + 10.0,
+                                           workers=workers, timeout=timeout + 20.0)
+    pool.call(agent_teardown, workers=workers, timeout=120.0)
     return reports
 
 
@@ -403,10 +342,10 @@ def _check(trial: Trial) -> None:
                               f"sizes {sorted(sizes)}, rounds {sorted(rounds)}: not one rendezvous")
 
 
-def collect(*, sizes: Sequence[int], lever_sizes: Sequence[int], backoffs: Sequence[float],
-            trials: int, progress: Callable[[str], None] | None = None) -> RendezvousResults:
+def collect(settings: Settings, say: Callable[[str], None]) -> RendezvousResults:
     """Start etcd, a TCPStore and the agent pool; run every trial; stop them all."""
-    say = progress or (lambda line: None)
+    sizes, lever_sizes, backoffs, trials = (settings.sizes, settings.lever_sizes,
+                                            settings.backoffs, settings.trials)
     started = time.monotonic()
     skipped: dict[str, str] = {}
     watch_reason = watch_unavailable()
@@ -419,7 +358,7 @@ def collect(*, sizes: Sequence[int], lever_sizes: Sequence[int], backoffs: Seque
     lever = lever_variants(watch_reason is None, backoffs)
     results = RendezvousResults(sizes=tuple(sizes), lever_sizes=tuple(lever_sizes),
                                 backoffs=tuple(backoffs), trial_count=trials, skipped=skipped)
-    with BenchServers() as servers, WorkerPool(max([*sizes, *lever_sizes]), PRELOAD) as pool:
+    with BenchServers() as servers, AgentPool(max([*sizes, *lever_sizes]), PRELOAD) as pool:
         results.pool_start_seconds = pool.start_seconds
         say(f"rendezvous: {pool.size} agent processes ready in "
             f"{results.pool_start_seconds:.1f} s")
@@ -557,59 +496,134 @@ def lever_verdicts(results: RendezvousResults) -> list[str]:
     return lines
 
 
-def settings_lines(results: RendezvousResults) -> list[str]:
-    return [
-        f"- sizes: N = {', '.join(map(str, results.sizes))} (min_nodes = max_nodes = N); "
-        f"the collision lever at N = {', '.join(map(str, results.lever_sizes))} with "
-        f"conflict_backoff = {', '.join(f'{b:g}' for b in results.backoffs)} s; "
-        f"{results.trial_count} trial(s) per variant and N, variants interleaved",
-        f"- agent pool: {max([*results.sizes, *results.lever_sizes])} processes, ready in "
-        f"{results.pool_start_seconds:.0f} s; the whole benchmark took "
-        f"{results.elapsed_seconds:.0f} s",
-        *(f"- skipped: {label}: {why}" for label, why in results.skipped.items()),
-    ]
+def _median(values: Iterator[float]) -> float:
+    return float(statistics.median(values))
 
 
-NOTES = (
-    "Times are from the common start instant to the last agent's return from "
-    "`next_rendezvous()`: median (min to max) over the trials. Ratios to c10d and to the "
-    "lever off are per trial (the variants of one trial index ran back to back), then their "
-    "median (min to max). Calls are all agents' `get_state` + `set_state` calls in one "
-    "rendezvous; conflicts are `set_state` calls that returned `has_set=False` (torch's "
-    "handler then retries at once with the state it got back). Watch waits are the "
-    "`wait=watch` handler's `wait_for_change` calls. In the breakdown (the slowest agent of "
-    "each trial, medians), backend call time includes the conflict backoff's pause; store is "
-    "torch's MASTER_ADDR/MASTER_PORT exchange through the rendezvous store after the join "
-    "(rank 0 writes, the others wait for it: so it holds the wait for a slower rank 0); "
-    "\"other\" is the rest: the handler's own CPU work (pickling the state), rank 0's "
-    "TCPStore server start, and waiting for a CPU among N processes on this machine's cores."
-)
+def _time_split(results: RendezvousResults) -> list[str]:
+    """Bullets computed from the breakdown: the poll, the jitter, the conflicts, the rest."""
+    lines = []
+    for label in (v.label for v in main_variants(True, True)):
+        parts = []
+        for n in results.sizes:
+            trials = results.of(label, n)
+            if not trials:
+                continue
+            slowest = [t.slowest for t in trials]
+            split = [("1 s polls", _median(a.poll_sleep for a in slowest)),
+                     ("jitter", _median(a.jitter for a in slowest)),
+                     ("backend calls", _median(a.counts.call_seconds for a in slowest)),
+                     ("watch waits", _median(a.counts.wait_seconds for a in slowest)),
+                     ("store", _median(a.store for a in slowest)),
+                     ("other", _median(a.other for a in slowest))]
+            shown = " + ".join(f"{name} {value:.2f}" for name, value in split if value >= 0.005)
+            parts.append(f"N={n}: {_median(a.seconds for a in slowest):.2f} s ≈ {shown} "
+                         f"(conflicts: {_median(t.total('conflicts') for t in trials):.0f})")
+        if parts:
+            lines.append(f"- {label}: " + "; ".join(parts))
+    return lines
 
 
-def markdown(results: RendezvousResults) -> str:
-    return "\n".join([
-        *settings_lines(results),
-        "",
-        "Time to rendezvous, seconds:",
-        "",
-        time_table(results),
-        "",
-        "Backend calls and conflicts per rendezvous (all agents):",
-        "",
-        calls_table(results),
-        "",
-        "Where the time goes (the slowest agent):",
-        "",
-        breakdown_table(results),
-        "",
-        "The collision lever (`conflict_backoff`), etcd-v3:",
-        "",
-        lever_table(results),
-        "",
-        *lever_verdicts(results),
-        "",
-        NOTES,
-    ])
+def _collisions(results: RendezvousResults) -> str:
+    """The largest N: conflicts and per-call time of the slowest agent, per variant."""
+    n = max(results.sizes)
+    cells = []
+    for label in results.labels():
+        trials = results.of(label, n)
+        if trials:
+            slowest = [t.slowest for t in trials]
+            per_call = _median(a.counts.call_seconds / max(1, a.counts.calls) for a in slowest)
+            cells.append(f"{label} {_median(t.total('conflicts') for t in trials):.0f} "
+                         f"conflicts, {_median(t.seconds for t in trials):.2f} s, "
+                         f"{per_call * 1000:.1f} ms per backend call of the slowest agent")
+    return f"At N = {n} (medians): " + "; ".join(cells) + "." if cells else ""
+
+
+def fragments(results: RendezvousResults) -> dict[str, str]:
+    return {
+        "settings": "\n".join([
+            f"- sizes: N = {', '.join(map(str, results.sizes))} (min_nodes = max_nodes = N); "
+            f"the collision lever at N = {', '.join(map(str, results.lever_sizes))} with "
+            f"conflict_backoff = {', '.join(f'{b:g}' for b in results.backoffs)} s; "
+            f"{results.trial_count} trial(s) per variant and N, variants interleaved",
+            f"- agent pool: {max([*results.sizes, *results.lever_sizes])} processes, ready in "
+            f"{results.pool_start_seconds:.0f} s; the whole benchmark took "
+            f"{results.elapsed_seconds:.0f} s",
+            *(f"- skipped: {label}: {why}" for label, why in results.skipped.items())]),
+        "time_table": time_table(results),
+        "calls_table": calls_table(results),
+        "breakdown_table": breakdown_table(results),
+        "lever_table": lever_table(results),
+        "lever_verdicts": "\n".join(lever_verdicts(results)),
+        "time_split": "\n".join(_time_split(results)),
+        "collisions": _collisions(results),
+    }
+
+
+def verdicts(results: RendezvousResults) -> list[Verdict]:
+    """No worse than c10d at every N, per wait mode; the best lever variant at N = 32."""
+    out = []
+    for family in ("etcd-v3 poll", "etcd-v3 watch"):
+        measured = [(n, r) for n in results.sizes
+                    if (r := results.paired(family, C10D, n)) is not None]
+        if not measured:
+            continue
+        worse = [(n, r) for n, r in measured if r.median > 1.0]
+        out.append(Verdict(
+            f"c10d {family}", f"time to rendezvous no worse than c10d at every N ({family})",
+            ", ".join(f"N={n}: {r.median:.2f}x" for n, r in measured), not worse,
+            "; ".join(f"N={n}: {(r.median - 1) * 100:.0f}% slower than c10d (per-trial "
+                      f"range {r.low:.2f} to {r.high:.2f}"
+                      + (", some trials faster)" if r.low <= 1.0 else ")")
+                      for n, r in worse)))
+    best: tuple[str, float] | None = None
+    for label in results.labels():
+        variant = results.variant(label)
+        ratio = results.paired(label, C10D, LEVER_N) if variant and variant.backoff else None
+        if ratio is not None and (best is None or ratio.median < best[1]):
+            best = (label, ratio.median)
+    out.append(Verdict(
+        "lever", f"time to rendezvous at N = {LEVER_N} with the collision lever on at most "
+        f"{LEVER_TARGET:g}x c10d's",
+        "n/a" if best is None else f"{best[1]:.2f}x ({best[0]}, the best lever variant)",
+        None if best is None else best[1] <= LEVER_TARGET,
+        "" if best is None else
+        f"{(best[1] / LEVER_TARGET - 1) * 100:.0f}% over the {LEVER_TARGET:g}x ceiling"))
+    return out
+
+
+def facts(results: RendezvousResults) -> dict[str, str]:
+    """Conflicts and calls at the largest N, and the ratios to c10d, for the notes."""
+    if not results.sizes:
+        return {}
+    n = max(results.sizes)
+    found = {"n_max": str(n)}
+
+    def conflicts(label: str, size: int) -> float | None:
+        trials = results.of(label, size)
+        return _median(t.total("conflicts") for t in trials) if trials else None
+
+    for key, label in (("c_poll", "etcd-v3 poll"), ("c_v2", ETCD_V2), ("c_c10d", C10D),
+                       ("c_poll_05", "etcd-v3 poll, backoff 0.05"),
+                       ("c_poll_10", "etcd-v3 poll, backoff 0.1"),
+                       ("c_watch", "etcd-v3 watch")):
+        if (count := conflicts(label, n)) is not None:
+            found[key] = f"{count:.0f}"
+    noise, worse = [], []
+    for size in results.sizes:
+        ratio = results.paired("etcd-v3 poll", C10D, size)
+        if ratio is not None and ratio.median <= 1.05:
+            noise.append(f"N={size}: {ratio.median:.2f}x")
+        elif ratio is not None:
+            worse.append(f"N={size}: {ratio.median:.2f}x ({conflicts('etcd-v3 poll', size):.0f} "
+                         f"against {conflicts(C10D, size):.0f})")
+    found["poll_noise"] = ", ".join(noise) or "no N"
+    found["poll_worse"] = ", ".join(worse) or "no N"
+    if poll := results.of("etcd-v3 poll", n):
+        found["s_calls"] = f"{_median(t.slowest.counts.calls for t in poll):.0f}"
+    if watch := results.of("etcd-v3 watch", n):
+        found["w_gets"] = f"{_median(t.total('gets') for t in watch):.0f}"
+    return found
 
 
 def _errorbars(results: RendezvousResults, label: str, ns: Sequence[int],
@@ -683,46 +697,10 @@ def plot(results: RendezvousResults, directory: Path) -> list[Path]:
     return paths
 
 
-def report(results: RendezvousResults, *, command: str) -> str:
-    return "\n".join(["# Time to rendezvous", "", f"- command: `{command}`",
-                      f"- date: {now_utc()}", *machine_description(), markdown(results), ""])
-
-
-def settings(quick: bool, sizes: Sequence[int] | None = None,
-             lever_sizes: Sequence[int] | None = None, trials: int | None = None,
-             ) -> tuple[tuple[int, ...], tuple[int, ...], int]:
-    default_sizes, default_lever, default_trials = QUICK if quick else FULL
-    return (tuple(sizes) if sizes is not None else default_sizes,
-            tuple(lever_sizes) if lever_sizes is not None else default_lever,
-            trials if trials is not None else default_trials)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.rendezvous",
-                                     description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help=f"sizes {QUICK[0]}, lever at {QUICK[1]}, {QUICK[2]} trial")
-    parser.add_argument("--sizes", type=positive, nargs="+", default=None,
-                        help=f"agent counts (default {' '.join(map(str, FULL[0]))})")
-    parser.add_argument("--lever-sizes", type=positive, nargs="*", default=None,
-                        help=f"agent counts for the conflict_backoff runs "
-                             f"(default {' '.join(map(str, FULL[1]))})")
-    parser.add_argument("--backoffs", type=positive_float, nargs="*", default=list(BACKOFFS),
-                        help="conflict_backoff values, seconds (default 0.02 0.05 0.1)")
-    parser.add_argument("--trials", type=positive, default=None,
-                        help=f"trials per variant and size (default {FULL[2]})")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    args = parser.parse_args(args_list)
-    sizes, lever_sizes, trials = settings(args.quick, args.sizes, args.lever_sizes, args.trials)
-    command = shlex.join(["python", "-m", "benchmarks.rendezvous", *args_list])
-    with exit_on_sigterm():
-        results = collect(sizes=sizes, lever_sizes=lever_sizes, backoffs=args.backoffs,
-                          trials=trials, progress=progress)
-    text = report(results, command=command)
-    publish(args.output, text)
-    return 0
-
+TOPIC: Topic[Settings, RendezvousResults] = Topic(
+    "rendezvous", __name__, Settings(), QUICK, collect, fragments, plot, verdicts, facts)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .run_all import main
+
+    sys.exit(main(topic=TOPIC.name))

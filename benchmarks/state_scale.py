@@ -1,6 +1,7 @@
 """State scale: how many nodes fit etcd's request limit, and what one get and set cost.
 
     python -m benchmarks.state_scale [--quick] [--sizes 1000 10000 50000 100000] [--repeats 5]
+                                     [--tolerance 100] [--max-request-bytes 1572864]
 
 Capacity: the largest node count whose torch rendezvous state (``torch_state(n)``, a pickled
 ``_RendezvousState`` as torch's handler writes it) fits etcd's default 1.5 MiB request limit
@@ -21,10 +22,8 @@ that state (which the handler does after every read).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import pickle
-import shlex
 import statistics
 import sys
 import time
@@ -41,24 +40,24 @@ from etcd_rdzv.testing.states import torch_state
 
 from . import _backends, _plots
 from ._backends import C10D, ETCD_V2, ETCD_V3, KINDS, BenchServers
-from ._common import (
-    RESULTS_DIR,
-    Spread,
-    exit_on_sigterm,
-    machine_description,
-    markdown_table,
-    now_utc,
-    positive,
-    progress,
-    publish,
-)
+from ._common import Spread, Topic, Verdict, markdown_table, option
 
-__all__ = ["ScaleResults", "collect", "main", "markdown"]
+__all__ = ["TOPIC", "ScaleResults", "Settings", "collect"]
 
-DEFAULT_OUTPUT = RESULTS_DIR / "state_scale.md"
-#: (sizes, repeats, capacity tolerance in nodes)
-FULL = ((1_000, 10_000, 50_000, 100_000), 5, 100)
-QUICK = ((1_000, 10_000), 2, 500)
+
+@dataclass(frozen=True)
+class Settings:
+    sizes: tuple[int, ...] = option((1_000, 10_000, 50_000, 100_000),
+                                    "node counts whose get and set are timed")
+    repeats: int = option(5, "calls per size and backend")
+    tolerance: int = option(100, "the capacity's precision, in nodes")
+    max_request_bytes: int = option(DEFAULT_MAX_REQUEST_BYTES,
+                                    "etcd's request limit to search under")
+
+
+QUICK = Settings(sizes=(1_000, 10_000), repeats=2, tolerance=500)
+#: The target: this many nodes under etcd's default request limit.
+CAPACITY_TARGET = 100_000
 #: Go's net/http refuses a form body above this (``http: POST too large``).
 GO_FORM_LIMIT = 10 << 20
 #: torch's TCPStore (libuv server) refuses a value above this ("Invalid payload size").
@@ -284,10 +283,9 @@ def _time_calls(servers: BenchServers, kinds: Sequence[str], nodes: int, repeats
             manager.__exit__(None, None, None)
 
 
-def collect(*, sizes: Sequence[int], repeats: int, tolerance: int,
-            max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-            progress: Callable[[str], None] | None = None) -> ScaleResults:
-    say = progress or (lambda line: None)
+def collect(settings: Settings, say: Callable[[str], None]) -> ScaleResults:
+    sizes, repeats, tolerance, max_request_bytes = (
+        settings.sizes, settings.repeats, settings.tolerance, settings.max_request_bytes)
     results = ScaleResults(sizes=tuple(sizes), repeats=repeats)
     reason = _backends.v2_unavailable()
     kinds = [k for k in KINDS if k != ETCD_V2 or reason is None]
@@ -343,39 +341,28 @@ def cost_table(results: ScaleResults) -> str:
     return markdown_table(header, rows)
 
 
-def markdown(results: ScaleResults) -> str:
-    v3 = results.capacity(V3_FORM)
-    v2 = results.capacity(V2_FORM)
-    lines = [
-        "Capacity under the request limit (bisection over `torch_state(n)`):",
-        "",
-        capacity_table(results),
-    ]
-    if v3 is not None and v2 is not None:
-        lines += ["", f"etcd-v3 holds {v3.nodes / v2.nodes:.1f}x the nodes etcd-v2 can "
-                  "under the same request limit."]
-    lines += [
-        "",
-        f"One call at each size, ms: median (min to max) of {results.repeats}, through "
-        "torch's interface (etcd-v3: the sync shim):",
-        "",
-        cost_table(results),
-    ]
-    for (kind, nodes), error in sorted(results.errors.items()):
-        lines.append(f"- {kind} at {nodes:,} nodes: {error}")
-    lines += [
-        "",
-        "The states come from `etcd_rdzv.testing.states.torch_state(n)`: hostnames of the "
-        "form `node-000123.cluster.example.com`, a heartbeat timestamp per node (stamped "
-        "with the current time, so a capacity moves by a few hundred nodes from run to "
-        "run; each is checked with the very state the search found). Real hostnames "
-        "compress differently, so the capacity moves with them (zlib stores "
-        "about 14 bytes per node here against about 92 pickled, 122 in base64). A set "
-        "includes encoding (etcd-v3: zlib level 1; etcd-v2 and c10d: base64), a get "
-        "decoding; neither includes torch's pickling, shown apart. c10d's TCPStore keeps the "
-        "state in the memory of the agent that serves it and refuses a value above 8 MiB.",
-    ]
-    return "\n".join(lines)
+def fragments(results: ScaleResults) -> dict[str, str]:
+    v3, v2 = results.capacity(V3_FORM), results.capacity(V2_FORM)
+    return {
+        "capacity_table": capacity_table(results),
+        "capacity_ratio": "" if v3 is None or v2 is None else
+        f"etcd-v3 holds {v3.nodes / v2.nodes:.1f}x the nodes etcd-v2 can under the same "
+        "request limit.",
+        "repeats": str(results.repeats),
+        "cost_table": cost_table(results),
+        "errors": "\n".join(f"- {kind} at {nodes:,} nodes: {error}"
+                            for (kind, nodes), error in sorted(results.errors.items())),
+    }
+
+
+def verdicts(results: ScaleResults) -> list[Verdict]:
+    found = results.capacity(V3_FORM)
+    return [Verdict(
+        "capacity", f"state capacity of at least {CAPACITY_TARGET:,} nodes under the default "
+        "request limit", "n/a" if found is None else
+        f"{found.nodes:,} nodes ({found.nodes / CAPACITY_TARGET:.2f}x the target)",
+        None if found is None else found.nodes >= CAPACITY_TARGET,
+        "" if found is None else f"{(1 - found.nodes / CAPACITY_TARGET) * 100:.0f}% short")]
 
 
 def plot(results: ScaleResults, directory: Path) -> list[Path]:
@@ -410,34 +397,10 @@ def plot(results: ScaleResults, directory: Path) -> list[Path]:
     return [_plots.save(figure, directory / "state_scale.png")]
 
 
-def report(results: ScaleResults, *, command: str) -> str:
-    return "\n".join(["# State scale", "", f"- command: `{command}`", f"- date: {now_utc()}",
-                      *machine_description(), "", markdown(results), ""])
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.state_scale",
-                                     description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--sizes", type=positive, nargs="+", default=None)
-    parser.add_argument("--repeats", type=positive, default=None)
-    parser.add_argument("--tolerance", type=positive, default=None,
-                        help="the capacity's precision, in nodes")
-    parser.add_argument("--max-request-bytes", type=positive, default=DEFAULT_MAX_REQUEST_BYTES,
-                        help="etcd's request limit to search under (default: etcd's, 1.5 MiB)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    args = parser.parse_args(args_list)
-    sizes, repeats, tolerance = QUICK if args.quick else FULL
-    command = shlex.join(["python", "-m", "benchmarks.state_scale", *args_list])
-    with exit_on_sigterm():
-        results = collect(sizes=args.sizes or sizes, repeats=args.repeats or repeats,
-                          tolerance=args.tolerance or tolerance,
-                          max_request_bytes=args.max_request_bytes, progress=progress)
-    text = report(results, command=command)
-    publish(args.output, text)
-    return 0
-
+TOPIC: Topic[Settings, ScaleResults] = Topic(
+    "scale", __name__, Settings(), QUICK, collect, fragments, plot, verdicts)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .run_all import main
+
+    sys.exit(main(topic=TOPIC.name))

@@ -9,57 +9,49 @@ side by side in one run (the stores alternate, batch by batch).
 ``add`` throughput: 16 threads (each with its own store client) each call ``add`` on one
 counter; adds per second, the latency of one ``add``, and the final count checked.
 
-    python -m benchmarks.store_wakeup [--rounds 30] [--batches 3] [--adders 16] [--adds 25]
-                                      [--output PATH]
+    python -m benchmarks.store_wakeup [--quick] [--rounds 30] [--batches 3] [--adders 16]
+                                      [--adds 25]
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import shlex
 import statistics
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from etcd_rdzv.testing import free_port
+from etcd_rdzv.testing.agents import AgentPool
 
 from . import _backends, _plots
 from ._backends import ETCD_V2, ETCD_V3, BenchServers
-from ._common import (
-    RESULTS_DIR,
-    Spread,
-    exit_on_sigterm,
-    machine_description,
-    markdown_table,
-    now_utc,
-    positive,
-    progress,
-    publish,
-)
-from ._pool import WorkerPool
+from ._common import Spread, Topic, markdown_table, option
 
-__all__ = ["STORES", "StoreResults", "collect", "main", "markdown"]
+__all__ = ["STORES", "TOPIC", "Settings", "StoreResults", "collect"]
 
-DEFAULT_OUTPUT = RESULTS_DIR / "store_wakeup.md"
 TCP, V3, V2 = "TCPStore", "EtcdStore", "etcd-v2 EtcdStore"
 STORES = (TCP, V3, V2)
 #: How long the waiter has been blocked before the setter writes.
 BLOCKED_FOR = 0.05
-PRELOAD = (
-    "torch.distributed.elastic.rendezvous.etcd_rendezvous_backend",
-    "etcd_rdzv.elastic.store",
-    "benchmarks._backends",
-)
-#: (rounds, batches, adders, adds per adder)
-FULL = (30, 3, 16, 25)
-QUICK = (10, 1, 16, 5)
+PRELOAD = ("torch.distributed.elastic.rendezvous.etcd_rendezvous_backend",
+           "etcd_rdzv.elastic.store", __name__)
+
+
+@dataclass(frozen=True)
+class Settings:
+    rounds: int = option(30, "wake-ups per store per batch")
+    batches: int = option(3, "alternations of the stores")
+    adders: int = option(16, "concurrent add() callers")
+    adds: int = option(25, "adds per caller (0: no add benchmark)", low=0)
+
+
+QUICK = Settings(rounds=10, batches=1, adders=16, adds=5)
 
 
 def _make_store(kind: str, address: str, master: bool) -> Any:
@@ -100,24 +92,24 @@ def waiter_close(address: str) -> None:
         close()
 
 
-def _measure(pool: WorkerPool, kind: str, address: str, rounds: int) -> list[float]:
+def _measure(pool: AgentPool, kind: str, address: str, rounds: int) -> list[float]:
     """``rounds`` wake-ups: this process sets, the pool's worker waits in ``get``."""
     store = _make_store(kind, address, master=True)  # TCPStore: this process serves it
-    pool.call(1, waiter_open, [(kind, address)], 120.0)
+    pool.call(waiter_open, kind, address, timeout=120.0)
     # torch's v2 store keeps every run's keys in one directory: keys unique to the run.
     prefix = uuid.uuid4().hex[:8]
     try:
         latencies = []
         for index in range(rounds):
-            pool.submit(1, waiter_get, [(address, f"{prefix}-key-{index}")])
+            pool.submit(waiter_get, address, f"{prefix}-key-{index}")
             time.sleep(BLOCKED_FOR)  # the waiter is blocked in get by now
             started = time.monotonic()
             store.set(f"{prefix}-key-{index}", "127.0.0.1")
-            returned: float = pool.gather(1, 60.0, "get")[0]
+            returned: float = pool.gather(timeout=60.0, what="get")[0]
             latencies.append(returned - started)
         return latencies
     finally:
-        pool.call(1, waiter_close, [(address,)], 60.0)
+        pool.call(waiter_close, address, timeout=60.0)
 
 
 @dataclass(frozen=True)
@@ -180,9 +172,9 @@ class StoreResults:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def collect(*, rounds: int, batches: int, adders: int, adds: int,
-            progress: Callable[[str], None] | None = None) -> StoreResults:
-    say = progress or (lambda line: None)
+def collect(settings: Settings, say: Callable[[str], None]) -> StoreResults:
+    rounds, batches, adders, adds = (settings.rounds, settings.batches, settings.adders,
+                                     settings.adds)
     results = StoreResults(rounds=rounds, batches=batches, adders=adders, adds_each=adds)
     kinds = list(STORES)
     reason = _backends.v2_unavailable()
@@ -191,7 +183,7 @@ def collect(*, rounds: int, batches: int, adders: int, adds: int,
         results.skipped[V2] = reason
     results.wakeups = {kind: [] for kind in kinds}
     results.adds = {kind: [] for kind in kinds}
-    with BenchServers(with_tcp_store=False) as servers, WorkerPool(1, PRELOAD) as pool:
+    with BenchServers(with_tcp_store=False) as servers, AgentPool(1, PRELOAD) as pool:
 
         def address(kind: str) -> str:
             if kind == TCP:
@@ -239,38 +231,19 @@ def add_table(results: StoreResults) -> str:
                            "max add ms", "final count right"], rows, "llrrrl")
 
 
-def ratio_line(results: StoreResults) -> str:
+def fragments(results: StoreResults) -> dict[str, str]:
     v3 = statistics.median(results.wakeups[V3]) / statistics.median(results.wakeups[TCP])
-    return f"EtcdStore / TCPStore median wake-up latency: {v3:.2f}x"
-
-
-NOTES = (
-    "Wake-up: from the `set` call in one process to the blocked `get` returning in another "
-    f"(the waiter blocks {BLOCKED_FOR * 1000:.0f} ms first); the two clocks are one "
-    "(CLOCK_MONOTONIC). TCPStore is served by the setting process, as rank 0's agent serves "
-    "it in torchrun. EtcdStore returns the value from the watch event; torch's etcd-v2 "
-    "store re-reads its whole directory after each event. `add`: each of the callers is a "
-    "thread with its own client (this project's clients in one process share one event-loop "
-    "thread); EtcdStore's add is a compare-and-swap loop of one Txn per attempt, torch's "
-    "v2 store's a read then a compare-and-swap, with a random pause of up to 0.1 s after "
-    "each failed attempt; TCPStore adds on its server, in memory."
-)
-
-
-def markdown(results: StoreResults) -> str:
-    lines = [
-        f"- wake-up: {results.rounds} gets per store per batch, {results.batches} batch(es), "
-        f"stores alternating; add: {results.adders} concurrent callers x "
-        f"{results.adds_each} adds, once per batch",
-        *(f"- skipped: {kind}: {why}" for kind, why in results.skipped.items()),
-        "",
-        wakeup_table(results),
-        "",
-        ratio_line(results),
-    ]
-    if any(results.adds.values()):
-        lines += ["", add_table(results)]
-    return "\n".join([*lines, "", NOTES])
+    return {
+        "settings": "\n".join([
+            f"- wake-up: {results.rounds} gets per store per batch, {results.batches} "
+            f"batch(es), stores alternating; add: {results.adders} concurrent callers x "
+            f"{results.adds_each} adds, once per batch",
+            *(f"- skipped: {kind}: {why}" for kind, why in results.skipped.items())]),
+        "wakeup_table": wakeup_table(results),
+        "wakeup_ratio": f"{v3:.2f}x",
+        "add_table": add_table(results) if any(results.adds.values()) else "",
+        "blocked_ms": f"{BLOCKED_FOR * 1000:.0f}",
+    }
 
 
 def plot(results: StoreResults, directory: Path) -> list[Path]:
@@ -301,37 +274,10 @@ def plot(results: StoreResults, directory: Path) -> list[Path]:
     return [_plots.save(figure, directory / "store.png")]
 
 
-def report(results: StoreResults, *, command: str) -> str:
-    return "\n".join(["# Rendezvous store", "", f"Command: `{command}`", "",
-                      f"- date: {now_utc()}", *machine_description(), markdown(results), ""])
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.store_wakeup",
-                                     description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rounds", type=positive, default=None,
-                        help=f"gets per store per batch (default {FULL[0]})")
-    parser.add_argument("--batches", type=positive, default=None,
-                        help=f"alternations of the stores (default {FULL[1]})")
-    parser.add_argument("--adders", type=positive, default=None,
-                        help=f"concurrent add() callers (default {FULL[2]})")
-    parser.add_argument("--adds", type=int, default=None,
-                        help=f"adds per caller, 0 for none (default {FULL[3]})")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    args = parser.parse_args(args_list)
-    rounds, batches, adders, adds = QUICK if args.quick else FULL
-    command = shlex.join(["python", "-m", "benchmarks.store_wakeup", *args_list])
-    with exit_on_sigterm():
-        results = collect(
-            rounds=args.rounds or rounds, batches=args.batches or batches,
-            adders=args.adders or adders, adds=adds if args.adds is None else args.adds,
-            progress=progress)
-    text = report(results, command=command)
-    publish(args.output, text)
-    return 0
-
+TOPIC: Topic[Settings, StoreResults] = Topic(
+    "store", __name__, Settings(), QUICK, collect, fragments, plot)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .run_all import main
+
+    sys.exit(main(topic=TOPIC.name))

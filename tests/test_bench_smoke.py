@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from benchmarks import _backends, _pool, backend_calls
+from benchmarks import _backends, _plots, run_all
 from etcd_rdzv.testing import EtcdServer
+from etcd_rdzv.testing.agents import AgentPool
 
 HAVE_V2 = _backends.v2_unavailable() is None
 
@@ -51,15 +52,15 @@ def recorded_servers(monkeypatch: pytest.MonkeyPatch) -> list[EtcdServer]:
 def recorded_workers(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The pids of every worker process the benchmarks start."""
     pids: list[int] = []
-    original = _pool.WorkerPool.start
+    original = AgentPool.start
 
-    def start(self: _pool.WorkerPool, timeout: float = 600.0) -> None:
+    def start(self: AgentPool, timeout: float = 600.0) -> None:
         try:
             original(self, timeout)
         finally:
             pids.extend(self.pids)
 
-    monkeypatch.setattr(_pool.WorkerPool, "start", start)
+    monkeypatch.setattr(AgentPool, "start", start)
     return pids
 
 
@@ -71,6 +72,14 @@ def _gone(pid: int) -> bool:
     return False
 
 
+def run_topic(topic: str, tmp_path: Path, *options: str) -> str:
+    """Run one topic alone into ``tmp_path``; its report."""
+    output = tmp_path / f"{topic}.md"
+    assert run_all.main([*options, "--output", str(output), "--images", str(tmp_path / "img"),
+                         "--raw", str(tmp_path / f"{topic}.pickle")], topic=topic) == 0
+    return output.read_text(encoding="utf-8")
+
+
 def _all_stopped(servers: list[EtcdServer], workers: list[int]) -> None:
     assert servers, "no etcd was started"
     assert not any(server.member.running for server in servers), "an etcd was left running"
@@ -80,13 +89,9 @@ def _all_stopped(servers: list[EtcdServer], workers: list[int]) -> None:
 def test_backend_calls_reports_every_variant(
     tmp_path: Path, recorded_servers: list[EtcdServer], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    output = tmp_path / "results" / "backend_calls.md"
+    text = run_topic("calls", tmp_path, "--quick", "--calls", "2", "--rounds", "1",
+                     "--warmup", "1")
 
-    assert backend_calls.main(
-        ["--quick", "--calls", "2", "--rounds", "1", "--warmup", "1", "--output", str(output)]
-    ) == 0
-
-    text = output.read_text(encoding="utf-8")
     ran = ETCD_V3_VARIANTS + [v for v in TORCH_VARIANTS if HAVE_V2 or "etcd-v2" not in v]
     for name in ran:
         assert f"\n| {name} | 2 |" in text, f"no latency row for {name!r}:\n{text}"
@@ -97,7 +102,7 @@ def test_backend_calls_reports_every_variant(
     if not HAVE_V2:
         assert "skipped: etcd-v2: python-etcd is not installed" in text
     assert "--calls 2 --rounds 1" in text
-    assert "etcd:" in text
+    assert "- etcd: 3." in text and "/etcd " not in text  # a version, not a path
     assert "| variant |" in capsys.readouterr().out
     assert len(recorded_servers) == 1
     _all_stopped(recorded_servers, [])
@@ -109,11 +114,8 @@ def test_rendezvous_benchmark_runs(
 ) -> None:
     from benchmarks import rendezvous
 
-    output = tmp_path / "rendezvous.md"
-    assert rendezvous.main(["--sizes", "2", "--lever-sizes", "2", "--backoffs", "0.05",
-                            "--trials", "1", "--output", str(output)]) == 0
-
-    text = output.read_text()
+    text = run_topic("rendezvous", tmp_path, "--sizes", "2", "--lever-sizes", "2",
+                     "--backoffs", "0.05", "--trials", "1")
     labels = ["etcd-v3 poll", "c10d", "etcd-v3 poll, backoff 0.05"]
     labels += ["etcd-v2"] if HAVE_V2 else []
     if rendezvous.watch_unavailable() is None:
@@ -128,13 +130,8 @@ def test_rendezvous_benchmark_runs(
 def test_contention_benchmark_runs(
     tmp_path: Path, recorded_servers: list[EtcdServer], recorded_workers: list[int]
 ) -> None:
-    from benchmarks import contention
-
-    output = tmp_path / "contention.md"
-    assert contention.main(["--tasks", "2", "--processes", "2", "--backoffs", "0", "0.02",
-                            "--seconds", "0.2", "--rounds", "1", "--output", str(output)]) == 0
-
-    text = output.read_text()
+    text = run_topic("contention", tmp_path, "--tasks", "2", "--processes", "2", "--backoffs",
+                     "0", "0.02", "--seconds", "0.2", "--rounds", "1")
     for row in ("| etcd-v3 | 2 |", "| etcd-v3, backoff 0.02 | 2 |", "| etcd-v3 shim | 2 |",
                 "| etcd-v3 shim, backoff 0.02 | 2 |", "| c10d | 2 |"):
         assert row in text, f"no row {row!r}:\n{text}"
@@ -150,12 +147,8 @@ def test_state_scale_benchmark_runs(
     # Small limits, so that the capacity searches build small states.
     monkeypatch.setattr(state_scale, "GO_FORM_LIMIT", 256 * 1024)
     monkeypatch.setattr(state_scale, "TCPSTORE_PAYLOAD_LIMIT", 128 * 1024)
-    output = tmp_path / "scale.md"
-    assert state_scale.main(["--sizes", "100", "--repeats", "1", "--tolerance", "200",
-                             "--max-request-bytes", str(64 * 1024), "--output",
-                             str(output)]) == 0
-
-    text = output.read_text()
+    text = run_topic("scale", tmp_path, "--sizes", "100", "--repeats", "1", "--tolerance",
+                     "200", "--max-request-bytes", str(64 * 1024))
     assert "| etcd-v3 (stored form: header + zlib) |" in text
     assert "| etcd-v2 (base64) |" in text
     assert "| 100 |" in text
@@ -165,23 +158,16 @@ def test_state_scale_benchmark_runs(
 
 
 def test_history_growth_benchmark_runs(tmp_path: Path) -> None:
-    from benchmarks import history_growth
-
-    output = tmp_path / "growth.md"
-    assert history_growth.main(["--nodes", "10", "--writes", "4", "--output", str(output)]) == 0
-    rows = [line for line in output.read_text().splitlines() if line.startswith("| 10 |")]
+    text = run_topic("growth", tmp_path, "--nodes", "10", "--writes", "4")
+    rows = [line for line in text.splitlines() if line.startswith("| 10 |")]
     assert len(rows) == 2  # compaction off and on
 
 
 def test_store_benchmark_runs(
     tmp_path: Path, recorded_servers: list[EtcdServer], recorded_workers: list[int]
 ) -> None:
-    from benchmarks import store_wakeup
-
-    output = tmp_path / "wakeup.md"
-    assert store_wakeup.main(["--rounds", "2", "--batches", "1", "--adders", "2", "--adds", "2",
-                              "--output", str(output)]) == 0
-    text = output.read_text()
+    text = run_topic("store", tmp_path, "--rounds", "2", "--batches", "1", "--adders", "2",
+                     "--adds", "2")
     assert "| TCPStore | 2 |" in text
     assert "| EtcdStore | 2 |" in text
     assert ("| etcd-v2 EtcdStore | 2 |" in text) == HAVE_V2
@@ -192,8 +178,6 @@ def test_store_benchmark_runs(
 def test_runner_writes_the_document(
     tmp_path: Path, recorded_servers: list[EtcdServer], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from benchmarks import _plots, run_all
-
     output, images, raw = tmp_path / "benchmarks.md", tmp_path / "img", tmp_path / "raw.pickle"
     args = ["--quick", "--only", "calls", "--output", str(output), "--images", str(images),
             "--raw", str(raw)]
@@ -206,7 +190,7 @@ def test_runner_writes_the_document(
     assert "## Machine" in text
     if _plots.unavailable() is None:
         assert (images / "backend_calls.png").is_file()
-        assert "](img/backend_calls.png)" in text
+        assert "](img/backend_calls.png)" in text  # relative to the report
     else:
         assert "No plot: matplotlib is not installed" in text
     output.unlink()
@@ -225,3 +209,14 @@ def test_linearizability_soak_runs_and_finds_nothing(capsys: pytest.CaptureFixtu
     out = capsys.readouterr().out
     assert "violations: 0" in out
     assert "operations checked:" in out
+
+
+def test_a_bad_option_names_itself_and_its_value(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        run_all.main(["--calls", "0"], topic="calls")
+    assert info.value.code == 2
+    assert "argument --calls: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_the_template_has_a_block_for_every_topic() -> None:
+    assert set(run_all.TOPICS) <= set(run_all.template_blocks())
