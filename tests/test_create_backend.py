@@ -17,7 +17,7 @@ from torch.distributed.elastic.rendezvous.api import RendezvousStoreInfo
 from etcd_rdzv import Deadline, EtcdClient, EtcdConfig
 from etcd_rdzv.codec import StateCodec
 from etcd_rdzv.elastic import EtcdRendezvousBackend, EtcdStore, create_backend
-from etcd_rdzv.testing import EtcdServer, free_port
+from etcd_rdzv.testing import EtcdServer, EtcdStartError, free_port
 
 
 def make_params(endpoint: str, **config: Any) -> RendezvousParameters:
@@ -144,6 +144,18 @@ def test_ipv6_endpoint() -> None:
         result = backend.set_state(b"v6")
         assert result is not None and result[2]
         backend.close()
+
+
+def test_a_server_on_a_chosen_client_port_and_one_where_it_is_taken() -> None:
+    port = free_port()
+    with EtcdServer(client_port=port) as server:
+        assert server.get_endpoint() == f"127.0.0.1:{port}"
+        backend, _ = create_backend(make_params(server.get_endpoint()))
+        assert backend.set_state(b"on the chosen port") is not None
+        backend.close()
+        with pytest.raises(EtcdStartError, match=f"client_port={port} is taken"), \
+                EtcdServer(client_port=port):
+            pass
 
 
 def test_key_prefix_and_ttl_reach_the_stored_key(endpoint: str, etcd_config: EtcdConfig) -> None:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from ..config import EtcdConfig, parse_endpoints
 from ..errors import EtcdStartError
@@ -25,6 +25,8 @@ from ._certs import TlsCertificates
 from .member import EtcdMember, find_etcd_binary
 
 __all__ = ["EtcdCluster", "EtcdServer"]
+
+_Cluster = TypeVar("_Cluster", bound="EtcdCluster")
 
 
 class EtcdCluster:
@@ -207,8 +209,12 @@ class EtcdCluster:
     def log_tail(self) -> str:
         return "\n".join(f"--- {m.name}\n{m.log_tail()}" for m in self.members)
 
-    def __enter__(self) -> EtcdCluster:
-        self.start()
+    def __enter__(self: _Cluster) -> _Cluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()  # the data directory goes too
+            raise
         return self
 
     def __exit__(
@@ -264,7 +270,3 @@ class EtcdServer(EtcdCluster):
     @property
     def process(self) -> subprocess.Popen[bytes] | None:
         return self.member.process
-
-    def __enter__(self) -> EtcdServer:
-        self.start()
-        return self

@@ -24,7 +24,7 @@ from ._certs import TlsCertificates
 if TYPE_CHECKING:
     import grpc
 
-__all__ = ["EtcdMember", "find_etcd_binary", "free_port"]
+__all__ = ["EtcdMember", "find_etcd_binary", "free_port", "port_is_free"]
 
 _LOG_TAIL_CHARS = 4000
 
@@ -70,15 +70,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _port_taken(host: str, port: int) -> bool:
-    # SO_REUSEADDR as etcd's own listener sets it: a port in TIME_WAIT is free to etcd.
+def port_is_free(host: str, port: int) -> bool:
+    """Whether etcd could listen on ``host:port`` now (a port in TIME_WAIT counts as free:
+    etcd's listener sets SO_REUSEADDR, and so does this check)."""
     with _socket(host) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
-            return True
-    return False
+            return False
+    return True
 
 
 class EtcdMember:
@@ -122,7 +123,7 @@ class EtcdMember:
     def pick_ports(self) -> None:
         """Free ports, or the requested client port (an error at once if it is taken)."""
         if self.requested_client_port:
-            if _port_taken(self.host, self.requested_client_port):
+            if not port_is_free(self.host, self.requested_client_port):
                 raise EtcdStartError(
                     f"client_port={self.requested_client_port} is taken on {self.host}: "
                     f"stop what listens there, or pass client_port=0 for a free port."
