@@ -269,6 +269,8 @@ class _KeepAliveStream:
         self._stream: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._waiters: dict[int, list[asyncio.Future[int]]] = {}
+        #: A gRPC stream takes one write at a time.
+        self._write_lock = asyncio.Lock()
 
     async def renew(self, lease_id: int, timeout: float) -> int:
         """Renew ``lease_id``; return its TTL after renewal (0 when etcd no longer has it)."""
@@ -278,7 +280,8 @@ class _KeepAliveStream:
         answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(lease_id, []).append(answer)
         try:
-            await self._stream.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
+            async with self._write_lock:
+                await self._stream.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
             return await asyncio.wait_for(asyncio.shield(answer), timeout)
         except asyncio.TimeoutError:
             raise UnavailableError(f"Renewing lease {lease_id:x} failed: no answer within "

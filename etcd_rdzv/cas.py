@@ -122,7 +122,7 @@ async def compare_and_swap(
     deadline: Deadline,
     what: str,
     *,
-    lease: AmortizedLease | None = None,
+    lease: AmortizedLease | int | None = None,
     tagged: bool = False,
 ) -> CasResult:
     """Write ``value`` to ``key`` if ``expect`` holds; see the module docstring for the rules.
@@ -134,8 +134,9 @@ async def compare_and_swap(
         value: the new value.
         deadline: bounds every attempt and every read that resolves one.
         what: the operation, as messages name it ("Writing the rendezvous state '/k'").
-        lease: attached to the write (a lease etcd lost is replaced and the write resent:
-            a write naming a missing lease is never applied). None: no lease.
+        lease: attached to the write: a lease id, or an :class:`AmortizedLease` (a lease
+            etcd lost is then replaced and the write resent: a write naming a missing lease
+            is never applied). None: no lease.
         tagged: ``value`` is unique to this write, so finding it in the key proves the write
             landed. Only then can a lost answer be resolved after the key moved on.
 
@@ -201,7 +202,7 @@ async def resolve_lost_answer(client: EtcdClient, key: bytes, expect: Expect, va
 
 async def _attempt(client: EtcdClient, key: bytes, expect: Expect, value: bytes,
                    deadline: Deadline, what: str,
-                   lease: AmortizedLease | None) -> rpc.TxnResponse:
+                   lease: AmortizedLease | int | None) -> rpc.TxnResponse:
     def request(lease_id: int) -> rpc.TxnRequest:
         return rpc.TxnRequest(
             compare=[expect.compare(key)],
@@ -210,8 +211,8 @@ async def _attempt(client: EtcdClient, key: bytes, expect: Expect, value: bytes,
             failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=key))],
         )
 
-    if lease is None:
-        return await client.txn_once(request(0), deadline, what)
+    if not isinstance(lease, AmortizedLease):
+        return await client.txn_once(request(lease or 0), deadline, what)
     return await lease.write(
         lambda lease_id: client.txn_once(request(lease_id), deadline, what), deadline)
 

@@ -51,6 +51,7 @@ BACKEND_OPTIONS = frozenset({
     "read_timeout", "request_timeout", "connect_timeout", "protocol", "ca_cert", "ssl_cert",
     "ssl_cert_key", "username", "password_file", "key_prefix", "ttl", "compress_threshold",
     "max_request_bytes", "conflict_backoff", "wait", "compact_interval", "verify_state",
+    "handler",
 })
 #: Keys torch's handler and launcher read or add (torchrun adds ``rank`` and ``timeout``).
 TORCH_OPTIONS = frozenset({
@@ -294,6 +295,10 @@ class RendezvousConfig:
     #: torch (see :mod:`etcd_rdzv.state`): a state that names anything but torch's state
     #: classes, datetime and builtin containers raises ``EtcdStateError``. Off by default.
     verify_state: bool = False
+    #: Which rendezvous runs over etcd: ``torch`` (torch's ``DynamicRendezvousHandler`` on
+    #: one pickled state, the default) or ``native`` (per-node leased keys, one seal per
+    #: round: :mod:`etcd_rdzv.native`, docs/native.md).
+    handler: Literal["torch", "native"] = "torch"
 
     @classmethod
     def from_options(
@@ -352,7 +357,7 @@ class RendezvousConfig:
         )
         run_options = {name: get(name) for name in (
             "key_prefix", "ttl", "compress_threshold", "max_request_bytes", "conflict_backoff",
-            "wait", "compact_interval", "verify_state")}
+            "wait", "compact_interval", "verify_state", "handler")}
         return cls(etcd=etcd, run_id=run_id,
                    **{name: value for name, value in run_options.items() if value is not None})
 
@@ -372,6 +377,9 @@ class RendezvousConfig:
         set_field(self, "verify_state", parse_bool("verify_state", self.verify_state))
         if self.wait not in ("poll", "watch"):
             raise ValueError(f"The option wait must be 'poll' or 'watch', got wait={self.wait!r}.")
+        if self.handler not in ("torch", "native"):
+            raise ValueError(f"The option handler must be 'torch' or 'native', got "
+                             f"handler={self.handler!r}.")
 
 
 _TRUE_WORDS = frozenset({"1", "true", "t", "yes", "y"})

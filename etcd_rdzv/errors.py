@@ -13,12 +13,18 @@ Read this module to learn what can go wrong. The hierarchy::
     ├── CompactedError               a watch asked for history etcd has compacted
     ├── StoreTimeoutError            a store get/wait ran out of time
     ├── RunNotFoundError             a run has no state (also a LookupError)
-    └── HandlerMismatchError         a run is driven by the other rendezvous handler
+    ├── HandlerMismatchError         a run is driven by the other rendezvous handler
+    ├── RunClosedError               the run is closed: it admits no node
+    │   └── StandbyExitError         ... and this node only stood by: it may exit cleanly
+    └── JoinTimeoutError             no round admitted this node within join_timeout
     EtcdStartError                   the test harness could not start etcd (RuntimeError)
 
 The torch face maps them onto torch's classes in one function,
 :func:`etcd_rdzv.elastic._portal.run_for_torch`: :class:`EtcdConnectionError` becomes
-``RendezvousConnectionError`` and :class:`EtcdStateError` ``RendezvousStateError``.
+``RendezvousConnectionError``, :class:`EtcdStateError` ``RendezvousStateError``,
+:class:`RunClosedError` ``RendezvousClosedError``, :class:`StandbyExitError`
+``RendezvousGracefulExitError``, :class:`JoinTimeoutError` ``RendezvousTimeoutError`` and
+:class:`StoreTimeoutError` ``DistStoreError``.
 """
 
 from __future__ import annotations
@@ -32,8 +38,11 @@ __all__ = [
     "EtcdStateError",
     "EtcdTLSError",
     "HandlerMismatchError",
+    "JoinTimeoutError",
     "LeaseNotFoundError",
+    "RunClosedError",
     "RunNotFoundError",
+    "StandbyExitError",
     "StateTooLargeError",
     "StoreTimeoutError",
     "UnavailableError",
@@ -103,6 +112,19 @@ class RunNotFoundError(EtcdRendezvousError, LookupError):
 class HandlerMismatchError(EtcdRendezvousError):
     """A node joined a run that another rendezvous handler (``handler=torch`` against
     ``handler=native``) already drives: the two protocols cannot share a run."""
+
+
+class RunClosedError(EtcdRendezvousError):
+    """The run is closed (a node shut down, or an operator closed it): it admits no node."""
+
+
+class StandbyExitError(RunClosedError):
+    """The run was closed while this node stood by beyond ``max_nodes``: nothing needs it,
+    and it may exit cleanly."""
+
+
+class JoinTimeoutError(EtcdRendezvousError):
+    """No round admitted this node within ``join_timeout``."""
 
 
 class EtcdStartError(RuntimeError):

@@ -4,7 +4,12 @@ Under one ``key_prefix`` (default ``/torch/elastic/rendezvous``, torch's ``etcd-
 
     <key_prefix>/<run_id>                 the state torch's handler writes (handler=torch)
     <key_prefix>/<run_id>/store/<key>     the run's key-value store (torch's Store)
-    <key_prefix>/<run_id>/native/...      the native rendezvous's keys (handler=native)
+    <key_prefix>/<run_id>/native/...      the native rendezvous's keys (handler=native):
+        ctl/lease                         the run lease's id (renewed by every node)
+        ctl/closed                        the run is closed
+        ctl/seal/<round>                  round <round> is sealed: cutoff revision, size
+        ctl/wait/<round>                  a node waits for <round> (under its own lease)
+        round/<round>/<node>              node <node> joined round <round> (its own lease)
 
 A run id holds no ``/`` (:func:`~etcd_rdzv.config.validate_run_id`), so the keys of one run
 can never reach into another's, and a key names its run unambiguously
@@ -61,6 +66,46 @@ class RunKeys:
     def native_prefix(self) -> bytes:
         """The prefix of the native rendezvous's keys (see :mod:`etcd_rdzv.native`)."""
         return self.run_prefix + _NATIVE.encode() + b"/"
+
+    @property
+    def control_prefix(self) -> bytes:
+        """The native keys every node watches: few, small, changed a few times a round."""
+        return self.native_prefix + b"ctl/"
+
+    @property
+    def run_lease(self) -> bytes:
+        """Holds the id of the run lease that the run's shared native keys are put with."""
+        return self.control_prefix + b"lease"
+
+    @property
+    def closed(self) -> bytes:
+        """Exists once the native run is closed."""
+        return self.control_prefix + b"closed"
+
+    @property
+    def seal_prefix(self) -> bytes:
+        return self.control_prefix + b"seal/"
+
+    def seal(self, round_: int) -> bytes:
+        """Exists once ``round_`` is sealed; rounds are zero-padded so keys sort by round."""
+        return self.seal_prefix + b"%010d" % round_
+
+    @property
+    def waiting_prefix(self) -> bytes:
+        return self.control_prefix + b"wait/"
+
+    def waiting(self, round_: int) -> bytes:
+        """Exists while some node waits to be admitted in ``round_``."""
+        return self.waiting_prefix + b"%010d" % round_
+
+    def round_prefix(self, round_: int) -> bytes:
+        """The prefix of the join keys of ``round_``: one key per node, sorted as torch
+        sorts node descriptors (see :class:`~etcd_rdzv.native.NodeId`)."""
+        return self.native_prefix + b"round/%010d/" % round_
+
+    def member(self, round_: int, node_name: bytes) -> bytes:
+        """A node's join key in ``round_``."""
+        return self.round_prefix(round_) + node_name
 
 
 def runs_prefix(key_prefix: str) -> bytes:

@@ -10,7 +10,15 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, ClassVar, TypeVar
 
-from ..errors import EtcdConnectionError, EtcdStateError, StoreTimeoutError
+from ..errors import (
+    EtcdConnectionError,
+    EtcdStateError,
+    HandlerMismatchError,
+    JoinTimeoutError,
+    RunClosedError,
+    StandbyExitError,
+    StoreTimeoutError,
+)
 
 __all__ = ["Portal", "run_for_torch"]
 
@@ -92,15 +100,23 @@ def run_for_torch(coroutine: Coroutine[Any, Any, T], seconds: float) -> T:
       (what torch's agent catches around its store barriers);
     * :class:`~etcd_rdzv.errors.EtcdConnectionError`, or no answer within ``seconds`` plus a
       grace → ``RendezvousConnectionError``;
-    * :class:`~etcd_rdzv.errors.EtcdStateError` → ``RendezvousStateError``.
+    * :class:`~etcd_rdzv.errors.EtcdStateError` → ``RendezvousStateError``;
+    * :class:`~etcd_rdzv.errors.StandbyExitError` → ``RendezvousGracefulExitError``, other
+      :class:`~etcd_rdzv.errors.RunClosedError` → ``RendezvousClosedError``;
+    * :class:`~etcd_rdzv.errors.JoinTimeoutError` → ``RendezvousTimeoutError``;
+    * :class:`~etcd_rdzv.errors.HandlerMismatchError` → ``RendezvousError``.
 
     ``seconds`` is the deadline the coroutine keeps itself (``read_timeout``, plus the
     store's wait); the portal's own timeout only catches a coroutine that fails to.
     """
     from torch.distributed import DistStoreError
     from torch.distributed.elastic.rendezvous.api import (
+        RendezvousClosedError,
         RendezvousConnectionError,
+        RendezvousError,
+        RendezvousGracefulExitError,
         RendezvousStateError,
+        RendezvousTimeoutError,
     )
 
     try:
@@ -111,3 +127,11 @@ def run_for_torch(coroutine: Coroutine[Any, Any, T], seconds: float) -> T:
         raise RendezvousConnectionError(f"The connection to etcd has failed: {exc}") from exc
     except EtcdStateError as exc:
         raise RendezvousStateError(str(exc)) from exc
+    except StandbyExitError as exc:
+        raise RendezvousGracefulExitError(str(exc)) from exc
+    except RunClosedError as exc:
+        raise RendezvousClosedError(str(exc)) from exc
+    except JoinTimeoutError as exc:
+        raise RendezvousTimeoutError(str(exc)) from exc
+    except HandlerMismatchError as exc:
+        raise RendezvousError(str(exc)) from exc

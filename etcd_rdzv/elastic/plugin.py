@@ -20,6 +20,10 @@ if TYPE_CHECKING:
 
 __all__ = ["create_backend", "create_handler", "handler_factory"]
 
+#: torch's handler options that the native handler reads from ``--rdzv-conf``.
+_NATIVE_OPTIONS = ("join_timeout", "last_call_timeout", "close_timeout", "heartbeat_timeout",
+                   "keep_alive_interval", "keep_alive_max_attempt")
+
 
 def create_backend(params: RendezvousParameters) -> tuple[EtcdRendezvousBackend, Store]:
     """Create the etcd-v3 backend and its store from torch's rendezvous parameters.
@@ -51,6 +55,7 @@ def _create_backend(config: RendezvousConfig) -> tuple[EtcdRendezvousBackend, St
     from ..backend import AsyncEtcdRendezvousBackend
     from ..deadline import Deadline
     from ..keys import RunKeys
+    from ..native import refuse_native_run
     from ..store import AsyncEtcdStore
     from ._portal import run_for_torch
     from .backend import EtcdRendezvousBackend
@@ -58,14 +63,47 @@ def _create_backend(config: RendezvousConfig) -> tuple[EtcdRendezvousBackend, St
 
     client = EtcdClient(config.etcd)
     core = AsyncEtcdRendezvousBackend.from_config(client, config)
+    keys = RunKeys(config.run_id, config.key_prefix)
+    # One read: etcd answers, and the run is not a native one.
     probe_seconds = min(config.etcd.connect_timeout, config.etcd.read_timeout)
-    run_for_torch(client.get(core.key, Deadline.after(probe_seconds)), probe_seconds)
-    store_prefix = RunKeys(config.run_id, config.key_prefix).store_prefix
-    return EtcdRendezvousBackend(core), EtcdStore(AsyncEtcdStore(client, store_prefix, core.lease))
+    run_for_torch(refuse_native_run(client, keys, Deadline.after(probe_seconds)), probe_seconds)
+    return EtcdRendezvousBackend(core), EtcdStore(AsyncEtcdStore(client, keys.store_prefix,
+                                                                 core.lease))
+
+
+def _create_native_handler(config: RendezvousConfig,
+                           params: RendezvousParameters) -> RendezvousHandler:
+    """The native handler (``handler=native``) from options already parsed."""
+    from .._connection import EtcdClient
+    from .._lease import AmortizedLease
+    from ..keys import RunKeys
+    from ..native import AsyncNativeRendezvous, NativeSettings, NodeId
+    from ..store import AsyncEtcdStore
+    from ._portal import run_for_torch
+    from .handler import NativeRendezvousHandler
+    from .store import EtcdStore
+
+    settings = NativeSettings(
+        min_nodes=params.min_nodes, max_nodes=params.max_nodes, ttl=config.ttl,
+        **{name: params.config[name] for name in _NATIVE_OPTIONS if name in params.config})
+    client = EtcdClient(config.etcd)
+    keys = RunKeys(config.run_id, config.key_prefix)
+    rendezvous = AsyncNativeRendezvous(client, keys, settings,
+                                       NodeId.generate(params.local_addr))
+    probe_seconds = min(config.etcd.connect_timeout, config.etcd.read_timeout)
+    run_for_torch(rendezvous.start(), probe_seconds)
+    store = EtcdStore(AsyncEtcdStore(client, keys.store_prefix, AmortizedLease(client,
+                                                                               config.ttl)))
+    return NativeRendezvousHandler(rendezvous, store)
 
 
 def create_handler(params: RendezvousParameters) -> RendezvousHandler:
-    """torch's ``DynamicRendezvousHandler`` over the etcd-v3 backend and store.
+    """The rendezvous handler ``params.config["handler"]`` names, over etcd.
+
+    ``handler=torch`` (the default): torch's ``DynamicRendezvousHandler`` over the etcd-v3
+    backend and store. ``handler=native``:
+    :class:`~etcd_rdzv.elastic.handler.NativeRendezvousHandler`, the native protocol of
+    :mod:`etcd_rdzv.native`.
 
     Every handler option of torch (``join_timeout``, ``last_call_timeout``,
     ``close_timeout``, ``heartbeat_timeout``, ``keep_alive_interval``,
@@ -79,6 +117,8 @@ def create_handler(params: RendezvousParameters) -> RendezvousHandler:
     from ..config import RendezvousConfig
 
     config = RendezvousConfig.from_options(params.endpoint, params.run_id, params.config)
+    if config.handler == "native":
+        return _create_native_handler(config, params)
     backend, store = _create_backend(config)
     try:
         if config.wait == "watch":
