@@ -7,7 +7,7 @@ import asyncio
 import pickle
 import time
 from collections.abc import AsyncIterator, Iterable
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,18 @@ async def write_states(backend: AsyncEtcdRendezvousBackend, node_counts: Iterabl
         token = result[1]
         revisions.append(token)
     return revisions
+
+
+@asynccontextmanager
+async def watching(config: EtcdConfig, key_prefix: str, start_revision: int | None = None
+                   ) -> AsyncIterator[tuple[EtcdClient, AsyncIterator[StateSnapshot]]]:
+    """The snapshots of run ``job``'s state, watched over a client of their own (yielded too,
+    for a test that breaks it)."""
+    async with EtcdClient(config) as client:
+        admin = RendezvousAdmin(client, key_prefix)
+        async with aclosing(admin.watch_state("job", start_revision=start_revision)) \
+                as snapshots:
+            yield client, snapshots
 
 
 async def next_snapshot(iterator: AsyncIterator[StateSnapshot],
@@ -144,78 +156,66 @@ async def test_watch_yields_the_state_then_each_change_in_order(
     etcd_client: EtcdClient, etcd_config: EtcdConfig, key_prefix: str
 ) -> None:
     backend = AsyncEtcdRendezvousBackend(etcd_client, "job", key_prefix=key_prefix)
-    async with EtcdClient(etcd_config) as watch_client:
-        admin = RendezvousAdmin(watch_client, key_prefix)
-        async with aclosing(admin.watch_state("job")) as snapshots:
-            first = await next_snapshot(snapshots)
-            assert first.state is None  # not created yet
+    async with watching(etcd_config, key_prefix) as (_, snapshots):
+        first = await next_snapshot(snapshots)
+        assert first.state is None  # not created yet
 
-            revisions = await write_states(backend, (1, 2, 3))
-            seen = [await next_snapshot(snapshots) for _ in range(3)]
-            assert [s.revision for s in seen] == revisions
-            assert [s.state.world_size for s in seen if s.state is not None] == [1, 2, 3]
+        revisions = await write_states(backend, (1, 2, 3))
+        seen = [await next_snapshot(snapshots) for _ in range(3)]
+        assert [s.revision for s in seen] == revisions
+        assert [s.state.world_size for s in seen if s.state is not None] == [1, 2, 3]
 
-            await RendezvousAdmin(etcd_client, key_prefix).delete_run("job")
-            deleted = await next_snapshot(snapshots)
-            assert deleted.state is None and deleted.revision > revisions[-1]
+        await RendezvousAdmin(etcd_client, key_prefix).delete_run("job")
+        deleted = await next_snapshot(snapshots)
+        assert deleted.state is None and deleted.revision > revisions[-1]
 
 
 async def test_watch_resumes_after_the_stream_breaks_without_losing_or_repeating(
     etcd_client: EtcdClient, etcd_config: EtcdConfig, key_prefix: str
 ) -> None:
     backend = await write_run(etcd_client, key_prefix, "job", nodes=1)
-    async with EtcdClient(etcd_config) as watch_client:
-        admin = RendezvousAdmin(watch_client, key_prefix)
-        async with aclosing(admin.watch_state("job")) as snapshots:
-            first = await next_snapshot(snapshots)
-            assert first.state is not None and first.state.world_size == 1
-            # Close the watch's channel under it: the stream breaks (CANCELLED/UNAVAILABLE),
-            # and the watch must come back from the revision after the last one it yielded.
-            await watch_client.close()
-            revisions = await write_states(backend, (2, 3, 4, 5), first.revision)
-            seen = [await next_snapshot(snapshots) for _ in range(4)]
-            assert [s.revision for s in seen] == revisions
-            assert [s.state.world_size for s in seen if s.state is not None] == [2, 3, 4, 5]
+    async with watching(etcd_config, key_prefix) as (watch_client, snapshots):
+        first = await next_snapshot(snapshots)
+        assert first.state is not None and first.state.world_size == 1
+        # Close the watch's channel under it: the stream breaks (CANCELLED/UNAVAILABLE),
+        # and the watch must come back from the revision after the last one it yielded.
+        await watch_client.close()
+        revisions = await write_states(backend, (2, 3, 4, 5), first.revision)
+        seen = [await next_snapshot(snapshots) for _ in range(4)]
+        assert [s.revision for s in seen] == revisions
+        assert [s.state.world_size for s in seen if s.state is not None] == [2, 3, 4, 5]
 
 
-async def test_watch_survives_an_etcd_restart(tmp_path: Path) -> None:
+async def test_watch_survives_an_etcd_restart() -> None:
     with EtcdServer() as server:
         config = server.client_config(read_timeout=5, request_timeout=1)
-        async with EtcdClient(config) as writer, EtcdClient(config) as watch_client:
+        async with EtcdClient(config) as writer, watching(config, "/restart") as (_, snapshots):
             backend = await write_run(writer, "/restart", "job", nodes=1)
-            admin = RendezvousAdmin(watch_client, "/restart")
-            async with aclosing(admin.watch_state("job")) as snapshots:
-                first = await next_snapshot(snapshots)
-                server.kill(0)
-                await asyncio.sleep(0.5)
-                await asyncio.to_thread(server.restart, 0)
-                result = await backend.set_state(torch_state(2), first.revision)
-                assert result is not None and result[2]
-                after = await next_snapshot(snapshots, timeout=30)
-                assert after.revision == result[1]
-                assert after.state is not None and after.state.world_size == 2
+            first = await next_snapshot(snapshots)
+            server.kill(0)
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(server.restart, 0)
+            [revision] = await write_states(backend, (2,), first.revision)
+            after = await next_snapshot(snapshots, timeout=30)
+            assert after.revision == revision
+            assert after.state is not None and after.state.world_size == 2
 
 
 async def test_watch_falls_back_to_a_read_when_history_is_compacted() -> None:
     # Compaction covers etcd's whole keyspace: this etcd is the test's own.
     with EtcdServer() as server:
         config = server.client_config(read_timeout=5)
-        async with EtcdClient(config) as client, EtcdClient(config) as watch_client:
+        async with EtcdClient(config) as client:
             backend = AsyncEtcdRendezvousBackend(client, "job", key_prefix="/compacted")
             first, _, token = await write_states(backend, (1, 2, 3))
             assert await client.compact(token, Deadline.after(5))
-
-            admin = RendezvousAdmin(watch_client, "/compacted")
             # Resuming after the first write: that history is gone, so the state is read.
-            async with aclosing(admin.watch_state("job", start_revision=first + 1)) \
-                    as snapshots:
+            async with watching(config, "/compacted", first + 1) as (_, snapshots):
                 current = await next_snapshot(snapshots)
                 assert current.revision == token
                 assert current.state is not None and current.state.world_size == 3
-                result = await backend.set_state(torch_state(4), token)
-                assert result is not None
-                following = await next_snapshot(snapshots)
-                assert following.revision == result[1]
+                [revision] = await write_states(backend, (4,), token)
+                assert (await next_snapshot(snapshots)).revision == revision
 
 
 # --- close --------------------------------------------------------------------------------------
