@@ -443,8 +443,8 @@ async def _probe_endpoints(endpoints: Sequence[Endpoint], given: _Endpoints, unt
     """Say at once what the client would only report at its deadline.
 
     An endpoint whose every address refuses the connection gets one line on stderr, and the
-    command goes on trying (etcd may be starting). When no endpoint resolves (and the
-    resolver does not call it temporary), raises :class:`UnavailableError`.
+    command goes on trying (etcd may be starting). When no endpoint resolves, raises
+    :class:`UnavailableError`: a person is waiting, so a failing resolver fails at once.
     """
     loop = asyncio.get_running_loop()
     refused: list[str] = []
@@ -454,8 +454,6 @@ async def _probe_endpoints(endpoints: Sequence[Endpoint], given: _Endpoints, unt
             addresses = await loop.getaddrinfo(endpoint.host, endpoint.port,
                                                type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
-            if exc.errno == socket.EAI_AGAIN:
-                return
             unresolved.append(f"{endpoint} does not resolve ({exc.strerror})")
             continue
         for family, kind, proto, _, address in addresses:
@@ -761,6 +759,8 @@ def _exit_code(exc: BaseException) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``etcd-rdzv`` command line; return the exit code."""
+    # gRPC's core logs a failed TLS handshake to stderr at info level, beside our one line.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     parser = _build_parser()
     command = None
     previous_sigterm = signal.getsignal(signal.SIGTERM)
