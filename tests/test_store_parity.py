@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -31,7 +30,8 @@ AnyStore = Any
 def make_etcd_store(
     etcd_server: EtcdServer, key_prefix: str
 ) -> Iterator[Callable[[str], EtcdStore]]:
-    """Makes the store ``create_backend`` returns for a run; closes them all after the test."""
+    """Makes the store ``create_backend`` returns for a run (under the test's own key prefix);
+    closes them all after the test."""
     backends: list[EtcdRendezvousBackend] = []
 
     def make(run_id: str) -> EtcdStore:
@@ -49,7 +49,7 @@ def make_etcd_store(
 
 @pytest.fixture
 def etcd_store(make_etcd_store: Callable[[str], EtcdStore]) -> EtcdStore:
-    return make_etcd_store(f"run-{uuid.uuid4().hex[:6]}")
+    return make_etcd_store("run")
 
 
 @pytest.fixture(params=["tcp", "etcd"])
@@ -63,8 +63,7 @@ def stores(request: pytest.FixtureRequest) -> tuple[AnyStore, AnyStore]:
         peer.set_timeout(TIMEOUT)
         return main, peer
     make: Callable[[str], EtcdStore] = request.getfixturevalue("make_etcd_store")
-    run_id = f"parity-{uuid.uuid4().hex[:6]}"
-    return make(run_id), make(run_id)
+    return make("parity"), make("parity")
 
 
 @pytest.fixture
