@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
@@ -58,25 +57,15 @@ class EtcdCluster:
             Path(tempfile.mkdtemp(prefix="etcd-rdzv-"))
         self._host = host
         self._extra_args = tuple(extra_args)
-        self.tls = tls
         self._root_password: str | None = None
         self.members = [
             EtcdMember(f"member{i}", host, self._base_dir / f"member{i}", tls, client_cert_auth)
             for i in range(size)
         ]
 
-    @property
-    def data_dir(self) -> Path:
-        return self._base_dir
-
-    @property
-    def endpoints(self) -> list[str]:
-        """Each member's client endpoint, ``host:port``."""
-        return [member.endpoint for member in self.members]
-
     def get_endpoint(self) -> str:
-        """All members, comma-separated: the form ``--rdzv-endpoint`` takes."""
-        return ",".join(self.endpoints)
+        """Every member's ``host:port``, comma-separated: the form ``--rdzv-endpoint`` takes."""
+        return ",".join(member.endpoint for member in self.members)
 
     def client_config(self, **options: Any) -> EtcdConfig:
         """An :class:`~etcd_rdzv.EtcdConfig` naming every member, with ``options`` set."""
@@ -266,7 +255,3 @@ class EtcdServer(EtcdCluster):
     @property
     def member(self) -> EtcdMember:
         return self.members[0]
-
-    @property
-    def process(self) -> subprocess.Popen[bytes] | None:
-        return self.member.process
