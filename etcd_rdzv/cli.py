@@ -715,7 +715,7 @@ def _serve(args: argparse.Namespace) -> int:
                    f"without TLS: whoever reaches port {server.get_port()} of this machine can "
                    "read, change and delete every key.", file=sys.stderr)
         _print(f"etcd is serving on {endpoint} (started in {time.monotonic() - started:.1f} s, "
-               f"data in {server.data_dir}, removed on exit). Ctrl-C stops it.")
+               f"data in {server.member.data_dir}, removed on exit). Ctrl-C stops it.")
         _print(f"export {ENDPOINTS_ENV_VAR}={endpoint}")
         _print(f"torchrun --rdzv-backend=etcd-v3 --rdzv-endpoint={endpoint} --rdzv-id=RUN ...")
         while not stop.wait(0.5):
