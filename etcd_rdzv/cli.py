@@ -6,7 +6,19 @@ Commands: ``serve``, ``status RUN_ID``, ``list``, ``watch RUN_ID``, ``close RUN_
 ``--password-file``, ``--protocol``, ``--timeout``), which mean what the options of
 ``create_backend`` mean and are parsed by the same code, so the errors read the same.
 
-Exit codes: see :data:`EXIT_CODES` (and docs/cli.md).
+Policy:
+
+* **One line, never a traceback.** An expected failure prints ``etcd-rdzv: <message>`` on
+  stderr; the message names the flag and the value (and, for endpoints, whether they came
+  from ``--endpoints``, ``$ETCD_RDZV_ENDPOINTS`` or the default).
+* **Exit codes come from exception types** (:data:`_EXIT_CODE_OF_ERROR`), never from a
+  message's text; every code is in :data:`EXIT_CODES` and docs/cli.md.
+* **A person is waiting.** ``--timeout`` defaults to 10 s; a refused connection is said at
+  once while the command keeps trying; a name that does not resolve fails at once.
+* **Long-running commands** (``watch``, ``serve``) end on SIGINT or SIGTERM with exit 0,
+  their client closed or their etcd stopped.
+* **``serve`` is for development**: no authentication, no TLS, so it listens on loopback
+  unless ``--expose`` says otherwise, on etcd's port 2379 when it is free.
 """
 
 from __future__ import annotations
