@@ -113,6 +113,21 @@ def test_the_collector_finds_the_readmes_blocks() -> None:
     assert all("import" in s.code for s in readme)
 
 
+def test_the_parser_reads_marks_and_fences(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "Text.\n\n```python\nprint(1)\n```\n\n"
+        "<!-- not-runnable: needs three hosts -->\n\n```py\nprint(2)\n```\n\n"
+        "```sh\necho 3\n```\n\n"
+        "- In a list:\n\n    ````python\n    if True:\n        print(4)\n    ````\n"
+    )
+    assert [(s.line, s.code, s.not_runnable) for s in snippets_of(page)] == [
+        (3, "print(1)\n", None),
+        (9, "print(2)\n", "needs three hosts"),
+        (19, "if True:\n    print(4)\n", None),
+    ]
+
+
 def test_the_readme_as_a_new_user_runs_it(tmp_path: Path) -> None:
     """`etcd-rdzv serve` in one terminal, the README's blocks pasted in another, nothing
     exported: they reach it at localhost:2379. Then `etcd-rdzv status` on the run they wrote."""
