@@ -1,7 +1,9 @@
-"""torch's own DynamicRendezvousHandler, in four processes, over the etcd-v3 plug-in."""
+"""torch's own DynamicRendezvousHandler, in four processes, over the etcd-v3 plug-in; the agent
+harness (:mod:`etcd_rdzv.testing.agents`) when agents fail."""
 
 from __future__ import annotations
 
+import multiprocessing
 import uuid
 
 import pytest
@@ -12,7 +14,7 @@ from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
 
 from etcd_rdzv.elastic import create_backend
 from etcd_rdzv.testing import EtcdServer
-from etcd_rdzv.testing.agents import LOCAL_ADDR, run_agents
+from etcd_rdzv.testing.agents import LOCAL_ADDR, AgentError, run_agents
 
 AGENTS = 4
 
@@ -44,3 +46,15 @@ def test_four_agents_meet_in_one_round(etcd_server: EtcdServer, key_prefix: str)
         assert torch_create_handler(store, backend, params).is_closed()
     finally:
         backend.close()
+
+
+def test_failing_agents_fail_the_run_and_leave_no_process(etcd_server: EtcdServer,
+                                                          key_prefix: str) -> None:
+    with pytest.raises(AgentError) as info:
+        run_agents(etcd_server.get_endpoint(), f"test-{uuid.uuid4().hex}", 2, timeout=60.0,
+                   options={"key_prefix": key_prefix, "join_timeout": "soon"})
+
+    # Each agent's own traceback: torch refused the option while building the handler.
+    assert sorted(info.value.failures) == [0, 1]
+    assert all("join_timeout" in text for text in info.value.failures.values())
+    assert multiprocessing.active_children() == []
