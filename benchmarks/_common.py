@@ -38,7 +38,6 @@ __all__ = [
     "Topic",
     "Verdict",
     "add_settings",
-    "bullets",
     "exit_on_sigterm",
     "machine_description",
     "markdown_table",
@@ -190,10 +189,6 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]],
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def bullets(lines: Iterable[str]) -> str:
-    return "\n".join(f"- {line}" for line in lines)
 
 
 # --- the machine --------------------------------------------------------------------------
