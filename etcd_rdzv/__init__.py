@@ -1,6 +1,7 @@
 """PyTorch elastic rendezvous over etcd v3.
 
 * :class:`AsyncEtcdRendezvousBackend`: the async core, no torch needed.
+* :class:`AsyncNativeRendezvous`: the native rendezvous (``handler=native``), no torch.
 * :class:`EtcdRendezvousBackend`, :class:`EtcdStore`, :func:`create_backend`: the torch face
   (``pip install etcd-rdzv[torch]``).
 * ``torchrun --rdzv-backend=etcd-v3``: the plug-in, registered on install.
@@ -31,12 +32,17 @@ if TYPE_CHECKING:
         EtcdStateError,
         EtcdTLSError,
         HandlerMismatchError,
+        JoinTimeoutError,
         LeaseNotFoundError,
+        RunClosedError,
         RunNotFoundError,
+        StandbyExitError,
         StateTooLargeError,
         StoreTimeoutError,
         UnavailableError,
     )
+    from .keys import RunKeys
+    from .native import Admission, AsyncNativeRendezvous, NativeSettings, NodeId
     from .state import NodeDesc, RendezvousStateView, decode_state, encode_closed
     from .store import AsyncEtcdStore
 
@@ -62,8 +68,16 @@ _WHERE = {
     "EtcdStateError": ".errors",
     "EtcdTLSError": ".errors",
     "HandlerMismatchError": ".errors",
+    "JoinTimeoutError": ".errors",
     "LeaseNotFoundError": ".errors",
+    "RunClosedError": ".errors",
     "RunNotFoundError": ".errors",
+    "StandbyExitError": ".errors",
+    "RunKeys": ".keys",
+    "Admission": ".native",
+    "AsyncNativeRendezvous": ".native",
+    "NativeSettings": ".native",
+    "NodeId": ".native",
     "StateTooLargeError": ".errors",
     "StoreTimeoutError": ".errors",
     "UnavailableError": ".errors",
@@ -77,8 +91,10 @@ _WHERE = {
 }
 
 __all__ = [
+    "Admission",
     "AsyncEtcdRendezvousBackend",
     "AsyncEtcdStore",
+    "AsyncNativeRendezvous",
     "CompactedError",
     "Deadline",
     "Endpoint",
@@ -92,13 +108,19 @@ __all__ = [
     "EtcdStore",
     "EtcdTLSError",
     "HandlerMismatchError",
+    "JoinTimeoutError",
     "LeaseNotFoundError",
+    "NativeSettings",
     "NodeDesc",
+    "NodeId",
     "RendezvousAdmin",
     "RendezvousConfig",
     "RendezvousStateView",
+    "RunClosedError",
     "RunInfo",
+    "RunKeys",
     "RunNotFoundError",
+    "StandbyExitError",
     "StateCodec",
     "StateSnapshot",
     "StateTooLargeError",

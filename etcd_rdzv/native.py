@@ -491,11 +491,12 @@ class AsyncNativeRendezvous:
                 check_at = 0.0  # a ctl/ change: look again (a few times per round)
 
     async def _check_round(self, now: float) -> float:
-        """Look at this node's open round; return when to seal it (now: at once)."""
+        """Look at this node's open round; return when to seal it (now: at once).
+
+        While members of the previous round still hold their keys, the round waits (one
+        round trains at a time, as torch's wait list waits for the round to change).
+        """
         settings, round_ = self._settings, self._round
-        joined = await self._count(self._keys.round_prefix(round_))
-        if joined >= settings.max_nodes:
-            return now
         previous = self._control.seals.get(round_ - 1)
         if previous is not None:
             members_left = await self._count(self._keys.round_prefix(round_ - 1))
@@ -508,6 +509,9 @@ class AsyncNativeRendezvous:
                     await self._client.put(self._keys.waiting(round_), self._node.name,
                                            self._node_lease, self._deadline())
                 return math.inf
+        joined = await self._count(self._keys.round_prefix(round_))
+        if joined >= settings.max_nodes:
+            return now
         if joined >= settings.min_nodes:
             return now + settings.last_call_timeout
         return math.inf
@@ -642,9 +646,11 @@ class AsyncNativeRendezvous:
     async def leave(self) -> None:
         """Leave the run now, without closing it: revoking this node's lease deletes its
         keys at once, so the others see the departure immediately."""
-        for task in self._tasks:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
-        self._tasks = []
+        # Let them end (their watch stream closes) before the caller closes the loop.
+        await asyncio.gather(*tasks, return_exceptions=True)
         lease, self._node_lease = self._node_lease, 0
         self._started, self._member_key, self._admission = False, None, None
         if lease:

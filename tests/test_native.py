@@ -1,0 +1,416 @@
+"""The native rendezvous (handler=native) against a real etcd: torch's contract, the
+protocol's costs (writes per node, nothing written while training), leaving, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+import pytest_asyncio
+from aetcd.utils import prefix_range_end
+from torch.distributed.elastic.rendezvous import (
+    RendezvousClosedError,
+    RendezvousError,
+    RendezvousParameters,
+    RendezvousTimeoutError,
+)
+from torch.distributed.elastic.rendezvous.dynamic_rendezvous import _NodeDesc
+
+from etcd_rdzv import (
+    AsyncEtcdRendezvousBackend,
+    Deadline,
+    EtcdClient,
+    EtcdConfig,
+    HandlerMismatchError,
+    JoinTimeoutError,
+    RunClosedError,
+    StandbyExitError,
+)
+from etcd_rdzv.elastic import create_handler
+from etcd_rdzv.keys import RunKeys
+from etcd_rdzv.native import Admission, AsyncNativeRendezvous, NativeSettings, NodeId
+from etcd_rdzv.testing import EtcdServer
+
+FAST = {"keep_alive_interval": 0.5, "last_call_timeout": 0.5, "join_timeout": 30}
+
+
+@pytest.fixture
+def run_keys(key_prefix: str) -> RunKeys:
+    return RunKeys(f"native-{uuid.uuid4().hex[:8]}", key_prefix)
+
+
+class Nodes:
+    """Native nodes of one run, each on a client of its own, all left at the end."""
+
+    def __init__(self, config: EtcdConfig, keys: RunKeys) -> None:
+        self.config, self.keys = config, keys
+        self.made: list[AsyncNativeRendezvous] = []
+        self.clients: list[EtcdClient] = []
+
+    def add(self, node: NodeId | None = None, **settings: float) -> AsyncNativeRendezvous:
+        options = {**FAST, **settings}
+        min_nodes = int(options.pop("min_nodes", 1))
+        max_nodes = int(options.pop("max_nodes", 8))
+        client = EtcdClient(self.config)
+        self.clients.append(client)
+        rendezvous = AsyncNativeRendezvous(
+            client, self.keys, NativeSettings(min_nodes, max_nodes, **options),  # type: ignore[arg-type]
+            node)
+        self.made.append(rendezvous)
+        return rendezvous
+
+    async def close(self) -> None:
+        for rendezvous in self.made:
+            with contextlib.suppress(Exception):
+                await rendezvous.leave()
+        for client in self.clients:
+            await client.close()
+
+
+@pytest_asyncio.fixture
+async def nodes(etcd_config: EtcdConfig, run_keys: RunKeys) -> AsyncIterator[Nodes]:
+    made = Nodes(etcd_config, run_keys)
+    yield made
+    await made.close()
+
+
+async def join_all(group: Sequence[AsyncNativeRendezvous]) -> list[Admission]:
+    return list(await asyncio.gather(*(node.next_rendezvous() for node in group)))
+
+
+async def until_someone_waits(member: AsyncNativeRendezvous, seconds: float) -> None:
+    """Poll ``num_nodes_waiting()`` as torch's agent does (every 0.1 s) until it is > 0."""
+    for _ in range(int(seconds / 0.1)):
+        if await member.num_nodes_waiting() > 0:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"num_nodes_waiting() stayed 0 for {seconds} s")
+
+
+async def revision(client: EtcdClient) -> int:
+    return int((await client.get(b"/", Deadline.after(5))).header.revision)
+
+
+async def writes_under(client: EtcdClient, prefix: bytes, since: int) -> int:
+    """How many writes changed keys under ``prefix`` after revision ``since`` (other tests
+    share the server, so etcd's global revision counts their writes too)."""
+    now = await revision(client)
+    seen = 0
+    if now > since:
+        watch = client.watch(prefix, since + 1, Deadline.after(5),
+                             range_end=prefix_range_end(prefix))
+        async with contextlib.aclosing(watch) as events:
+            while seen < now - since:
+                try:
+                    event = await asyncio.wait_for(anext(events), 1)
+                except asyncio.TimeoutError:
+                    break  # the rest of the writes were to other keys
+                if event.revision > now:
+                    break
+                seen += 1
+    return seen
+
+
+async def exists(client: EtcdClient, key: bytes) -> bool:
+    return bool((await client.get(key, Deadline.after(5))).kvs)
+
+
+# --- torch's contract -------------------------------------------------------------------
+
+TRICKY = [NodeId("b", 7, 0), NodeId("a-b", 3, 1), NodeId("a", 10, 0), NodeId("a", 9, 2),
+          NodeId("a.b", 1, 0), NodeId("a", 9, 10)]
+
+
+async def test_ranks_are_torchs_order_of_node_descriptors(nodes: Nodes) -> None:
+    group = [nodes.add(node, min_nodes=len(TRICKY), max_nodes=len(TRICKY)) for node in TRICKY]
+    admissions = await join_all(group)
+    torch_order = sorted(_NodeDesc(n.addr, n.pid, n.local_id) for n in TRICKY)
+    expected = {NodeId(d.addr, d.pid, d.local_id): rank for rank, d in enumerate(torch_order)}
+    assert {node.node: a.rank for node, a in zip(group, admissions, strict=True)} == expected
+    assert {(a.world_size, a.round) for a in admissions} == {(len(TRICKY), 1)}
+
+
+async def test_a_round_waits_for_the_last_call_once_min_nodes_joined(nodes: Nodes) -> None:
+    group = [nodes.add(min_nodes=2, max_nodes=4, last_call_timeout=1) for _ in range(2)]
+    admissions = await join_all(group)
+    assert sorted(a.rank for a in admissions) == [0, 1]
+    assert {a.world_size for a in admissions} == {2}
+
+
+async def test_join_timeout_raises_and_removes_the_node(nodes: Nodes, etcd_client: EtcdClient,
+                                                        run_keys: RunKeys) -> None:
+    alone = nodes.add(min_nodes=2, max_nodes=2, join_timeout=1)
+    with pytest.raises(JoinTimeoutError, match="join_timeout=1 s"):
+        await alone.next_rendezvous()
+    response = await etcd_client.get_prefix(run_keys.round_prefix(1), Deadline.after(5))
+    assert not response.kvs
+
+
+async def test_a_closed_run_refuses_joiners_and_is_closed_everywhere(nodes: Nodes) -> None:
+    first, second = nodes.add(min_nodes=2, max_nodes=2), nodes.add(min_nodes=2, max_nodes=2)
+    await join_all([first, second])
+    await first.set_closed()
+    assert await second.is_closed()
+    with pytest.raises(RunClosedError, match="is closed"):
+        await nodes.add(min_nodes=2, max_nodes=2).next_rendezvous()
+
+
+async def test_a_node_waiting_for_a_round_sees_the_close(nodes: Nodes) -> None:
+    waiting = nodes.add(min_nodes=2, max_nodes=2)
+    task = asyncio.create_task(waiting.next_rendezvous())
+    await asyncio.sleep(0.5)
+    await nodes.add(min_nodes=2, max_nodes=2).set_closed()
+    with pytest.raises(RunClosedError):
+        await asyncio.wait_for(task, 10)
+
+
+async def test_a_late_node_with_room_makes_the_members_restart(nodes: Nodes) -> None:
+    members = [nodes.add(min_nodes=2, max_nodes=3) for _ in range(2)]
+    assert {a.world_size for a in await join_all(members)} == {2}
+    assert [await m.num_nodes_waiting() for m in members] == [0, 0]
+    late = nodes.add(min_nodes=2, max_nodes=3)
+    joining = asyncio.create_task(late.next_rendezvous())
+    await until_someone_waits(members[0], 10)
+    assert await members[1].num_nodes_waiting() == 1
+    # What torch's agent does when num_nodes_waiting() > 0: restart, rendezvous again.
+    admissions = await join_all(members) + [await asyncio.wait_for(joining, 10)]
+    assert sorted(a.rank for a in admissions) == [0, 1, 2]
+    assert {(a.world_size, a.round) for a in admissions} == {(3, 2)}
+
+
+async def test_standbys_beyond_max_nodes_wait_and_join_when_a_member_leaves(
+    nodes: Nodes,
+) -> None:
+    members = [nodes.add(min_nodes=1, max_nodes=2) for _ in range(2)]
+    await join_all(members)
+    standby = nodes.add(min_nodes=1, max_nodes=2)
+    joining = asyncio.create_task(standby.next_rendezvous())
+    await asyncio.sleep(1.5)  # three keep-alive ticks: a standby asks nobody to restart
+    assert not joining.done()
+    assert await members[0].num_nodes_waiting() == 0
+    await members[1].leave()
+    await until_someone_waits(members[0], 10)
+    admissions = [await members[0].next_rendezvous(), await asyncio.wait_for(joining, 10)]
+    assert sorted(a.rank for a in admissions) == [0, 1]
+    assert {a.world_size for a in admissions} == {2}
+
+
+async def test_a_standby_exits_gracefully_when_the_run_closes(nodes: Nodes) -> None:
+    member = nodes.add(min_nodes=1, max_nodes=1)
+    await member.next_rendezvous()
+    standby = nodes.add(min_nodes=1, max_nodes=1)
+    joining = asyncio.create_task(standby.next_rendezvous())
+    await asyncio.sleep(0.5)
+    await member.set_closed()
+    with pytest.raises(StandbyExitError):
+        await asyncio.wait_for(joining, 10)
+
+
+# --- leaving -------------------------------------------------------------------------------
+
+async def test_leaving_deletes_the_nodes_keys_at_once(nodes: Nodes, etcd_client: EtcdClient,
+                                                      run_keys: RunKeys) -> None:
+    group = [nodes.add(min_nodes=2, max_nodes=2) for _ in range(2)]
+    await join_all(group)
+    key = run_keys.member(1, group[1].node.name)
+    assert await exists(etcd_client, key)
+    await group[1].leave()
+    assert not await exists(etcd_client, key)  # revoked, not left to expire
+
+
+async def test_shutdown_closes_the_run_and_the_others_see_it(nodes: Nodes) -> None:
+    group = [nodes.add(min_nodes=2, max_nodes=2) for _ in range(2)]
+    await join_all(group)
+    assert await group[0].shutdown()
+    assert await group[1].is_closed()
+
+
+def test_a_killed_node_disappears_within_its_lease_ttl(etcd_server: EtcdServer,
+                                                       key_prefix: str) -> None:
+    from etcd_rdzv.testing.agents import AgentPool, AgentSpec, build_handler, next_rendezvous
+
+    run_id = f"kill-{uuid.uuid4().hex[:8]}"
+    spec = AgentSpec(etcd_server.get_endpoint(), run_id, 2, 2,
+                     {"key_prefix": key_prefix, "handler": "native", "keep_alive_interval": 1,
+                      "keep_alive_max_attempt": 2, "join_timeout": 60})
+    keys = RunKeys(run_id, key_prefix)
+    with AgentPool(2) as pool:
+        pool.call(build_handler, spec, timeout=60)
+        pool.call(next_rendezvous, timeout=60)
+        assert members(etcd_server, keys, 1) == 2
+        pool.kill(1)  # SIGKILL: no revoke, no close
+        # The lease's TTL is 1 s x 2; etcd revokes expired leases within about a second more.
+        assert wait_for_members(etcd_server, keys, 1, 1, seconds=2 + 5)
+
+
+def members(server: EtcdServer, keys: RunKeys, round_: int) -> int:
+    async def count() -> int:
+        async with EtcdClient(server.client_config()) as client:
+            response = await client.get_prefix(keys.round_prefix(round_), Deadline.after(5))
+            return len(response.kvs)
+
+    return asyncio.run(count())
+
+
+def wait_for_members(server: EtcdServer, keys: RunKeys, round_: int, expected: int,
+                     seconds: float) -> bool:
+    import time
+
+    give_up = time.monotonic() + seconds
+    while time.monotonic() < give_up:
+        if members(server, keys, round_) == expected:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+# --- what it costs etcd ------------------------------------------------------------------------
+
+async def test_a_round_costs_one_write_per_node_and_one_seal(nodes: Nodes,
+                                                            etcd_client: EtcdClient) -> None:
+    size = 8
+    group = [nodes.add(min_nodes=size, max_nodes=size) for _ in range(size)]
+    for node in group:
+        await node.start()  # leases and the run lease key: once per node's life
+    before = await revision(etcd_client)
+    await join_all(group)
+    # One join Put per node and one seal; the sealer's removal of old seal and wait keys
+    # finds nothing to remove in a first round.
+    assert await writes_under(etcd_client, nodes.keys.native_prefix, before) == size + 1
+
+
+async def test_training_writes_nothing_while_nodes_heartbeat(nodes: Nodes,
+                                                            etcd_client: EtcdClient) -> None:
+    group = [nodes.add(min_nodes=4, max_nodes=4, keep_alive_interval=0.2) for _ in range(4)]
+    await join_all(group)
+    before = await revision(etcd_client)
+    await asyncio.sleep(1.5)  # seven keep-alive rounds of every node
+    assert await writes_under(etcd_client, nodes.keys.run_prefix, before) == 0
+    assert [await node.num_nodes_waiting() for node in group] == [0] * 4
+
+
+# --- one run, one protocol; bad settings ---------------------------------------------------------
+
+async def test_a_native_node_refuses_a_torch_run(nodes: Nodes, etcd_client: EtcdClient,
+                                                 run_keys: RunKeys) -> None:
+    torch_backend = AsyncEtcdRendezvousBackend(etcd_client, run_keys.run_id,
+                                               key_prefix=run_keys.key_prefix)
+    await torch_backend.set_state(b"torch's state")
+    with pytest.raises(HandlerMismatchError, match=r"handler=torch.*handler=native"):
+        await nodes.add().next_rendezvous()
+
+
+def test_a_torch_handler_refuses_a_native_run(etcd_server: EtcdServer, key_prefix: str) -> None:
+    run_id = f"mixed-{uuid.uuid4().hex[:8]}"
+
+    def params(handler: str) -> RendezvousParameters:
+        return RendezvousParameters("etcd-v3", etcd_server.get_endpoint(), run_id, 1, 1,
+                                    local_addr="127.0.0.1", key_prefix=key_prefix,
+                                    handler=handler)
+
+    native = create_handler(params("native"))
+    try:
+        with pytest.raises(RendezvousError, match=r"handler=native.*handler=torch"):
+            create_handler(params("torch"))
+    finally:
+        native.shutdown()
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"min_nodes": 3, "max_nodes": 2}, r"maximum number of nodes \(2\) must be greater"),
+    ({"min_nodes": 0, "max_nodes": 2}, r"min_nodes must be an integer of at least 1"),
+    ({"min_nodes": 1, "max_nodes": 1, "keep_alive_interval": "0"},
+     r"keep_alive_interval must be a positive number of seconds, got keep_alive_interval='0'"),
+    ({"min_nodes": 1, "max_nodes": 1, "join_timeout": "soon"}, r"join_timeout='soon'"),
+])
+def test_bad_settings_name_the_option(settings: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        NativeSettings(**settings)  # type: ignore[arg-type]
+
+
+def test_an_address_with_a_space_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"local_addr='my host'"):
+        NodeId("my host", 1, 0)
+
+
+# --- the torch face -----------------------------------------------------------------------------
+
+@pytest.fixture
+def native_params(etcd_server: EtcdServer, key_prefix: str) -> RendezvousParameters:
+    return RendezvousParameters(
+        "etcd-v3", etcd_server.get_endpoint(), f"face-{uuid.uuid4().hex[:8]}", 2, 2,
+        local_addr="127.0.0.1", key_prefix=key_prefix, handler="native", join_timeout="30",
+        keep_alive_interval="1")
+
+
+def test_torchs_agent_gets_ranks_a_store_and_master_addr(
+        native_params: RendezvousParameters) -> None:
+    handlers = [create_handler(native_params) for _ in range(2)]
+    infos: dict[int, object] = {}
+
+    def join(index: int) -> None:
+        infos[index] = handlers[index].next_rendezvous()
+
+    threads = [threading.Thread(target=join, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    ranks = sorted(info.rank for info in infos.values())  # type: ignore[attr-defined]
+    assert ranks == [0, 1]
+    stores = {info.bootstrap_store_info.master_port  # type: ignore[attr-defined]
+              for info in infos.values()}
+    assert len(stores) == 1 and stores != {0}
+    info = infos[0]
+    info.store.set("k", "v")  # type: ignore[attr-defined]
+    assert infos[1].store.get("k") == b"v"  # type: ignore[attr-defined]
+    assert handlers[0].get_backend() == "etcd-v3"
+    assert handlers[0].num_nodes_waiting() == 0
+    assert handlers[0].shutdown()
+    assert handlers[1].is_closed()
+    late = create_handler(native_params)
+    with pytest.raises(RendezvousClosedError):
+        late.next_rendezvous()
+
+
+def test_torchs_agent_gets_its_timeout_error(native_params: RendezvousParameters) -> None:
+    native_params.config["join_timeout"] = "1"
+    handler = create_handler(native_params)
+    with pytest.raises(RendezvousTimeoutError):
+        handler.next_rendezvous()
+    handler.shutdown()
+
+
+# --- etcd outages ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+async def test_an_etcd_outage_longer_than_the_lease_ttl_stops_nothing(tmp_path: object) -> None:
+    with EtcdServer() as server:
+        config = server.client_config()
+        made = Nodes(config, RunKeys("outage"))
+        try:
+            settings = {"min_nodes": 2, "max_nodes": 3, "keep_alive_interval": 0.5,
+                        "keep_alive_max_attempt": 2}
+            members = [made.add(None, **settings) for _ in range(2)]
+            assert {a.world_size for a in await join_all(members)} == {2}
+            server.kill(0)
+            await asyncio.sleep(4)  # four times the lease TTL
+            # The agent's poll keeps answering while etcd is away.
+            assert [await m.num_nodes_waiting() for m in members] == [0, 0]
+            server.restart(0)
+            # The leases survived: etcd extends every lease when a leader is elected.
+            async with EtcdClient(config) as client:
+                response = await client.get_prefix(made.keys.round_prefix(1), Deadline.after(10))
+                assert len(response.kvs) == 2
+            # And the next membership change works.
+            late = made.add(None, **settings)
+            joining = asyncio.create_task(late.next_rendezvous())
+            await until_someone_waits(members[0], 20)
+            admissions = await join_all(members) + [await asyncio.wait_for(joining, 20)]
+            assert {a.world_size for a in admissions} == {3}
+        finally:
+            await made.close()
