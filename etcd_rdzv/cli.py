@@ -28,6 +28,7 @@ import asyncio
 import datetime
 import ipaddress
 import json
+import logging
 import os
 import re
 import signal
@@ -773,6 +774,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``etcd-rdzv`` command line; return the exit code."""
     # gRPC's core logs a failed TLS handshake to stderr at info level, beside our one line.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    library_log = logging.getLogger(__package__)
+    if not library_log.handlers:  # its warnings in our format, not logging's last resort
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("etcd-rdzv: warning: %(message)s"))
+        library_log.addHandler(handler)
     parser = _build_parser()
     command = None
     previous_sigterm = signal.getsignal(signal.SIGTERM)
