@@ -53,6 +53,11 @@ BACKEND_OPTIONS = frozenset({
     "max_request_bytes", "conflict_backoff", "wait", "compact_interval", "verify_state",
     "handler",
 })
+#: Options of the backend under torch's handler; the native handler has no use for them.
+TORCH_HANDLER_OPTIONS = frozenset({
+    "compress_threshold", "max_request_bytes", "conflict_backoff", "wait", "compact_interval",
+    "verify_state",
+})
 #: Keys torch's handler and launcher read or add (torchrun adds ``rank`` and ``timeout``).
 TORCH_OPTIONS = frozenset({
     "join_timeout", "last_call_timeout", "close_timeout", "heartbeat_timeout",
@@ -320,6 +325,12 @@ class RendezvousConfig:
             # Not an error: torch passes every --rdzv-conf key to every backend.
             log.warning("Ignoring rendezvous options nobody reads: %s (etcd-v3 reads %s)",
                         ", ".join(unknown), ", ".join(sorted(BACKEND_OPTIONS)))
+
+        if str(options.get("handler", "")).strip() == "native":
+            unused = sorted(TORCH_HANDLER_OPTIONS & set(options))
+            if unused:
+                log.warning("Ignoring rendezvous options that only handler=torch reads: %s",
+                            ", ".join(unused))
 
         def get(name: str) -> Any:
             value = options.get(name)

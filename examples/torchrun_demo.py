@@ -21,6 +21,7 @@ by ``tests/test_torchrun_e2e.py``. Linux only: killing a node walks ``/proc``.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import re
@@ -573,33 +574,45 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # so that the finally clauses stop torchrun and etcd
 
 
-def main() -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     from etcd_rdzv.testing import EtcdServer
 
+    parser = argparse.ArgumentParser(description="A 2-node torchrun job over etcd-v3: one "
+                                     "node is killed and comes back.")
+    parser.add_argument("--handler", choices=("torch", "native", "both"), default="both",
+                        help="the rendezvous handler (--rdzv-conf handler=...); 'both' runs "
+                        "the job once with each (default)")
+    handlers = ["torch", "native"] if (args := parser.parse_args(argv)).handler == "both" \
+        else [args.handler]
     nproc_per_node = 2
     signal.signal(signal.SIGTERM, _on_sigterm)
     started = time.monotonic()
     server = EtcdServer()
+    problems: list[str] = []
     try:
         server.start()
         print(f"etcd is serving on {server.get_endpoint()} "
               f"({time.monotonic() - started:.1f} s)", flush=True)
-        try:
-            summary = run_demo(server.get_endpoint(), nproc_per_node=nproc_per_node,
-                               say=lambda text: print(text, flush=True))
-        except DemoError as exc:
-            print(f"FAILED: {exc}", file=sys.stderr)
-            return 1
+        for handler in handlers:
+            print(f"\n=== handler={handler} ===", flush=True)
+            try:
+                summary = run_demo(server.get_endpoint(), nproc_per_node=nproc_per_node,
+                                   extra_conf={"handler": handler},
+                                   say=lambda text: print(text, flush=True))
+            except DemoError as exc:
+                print(f"FAILED: {exc}", file=sys.stderr)
+                return 1
+            problems += [f"handler={handler}: {problem}"
+                         for problem in _report(summary, nproc_per_node)]
     finally:
         server.stop()
-    problems = _report(summary, nproc_per_node)
     print(f"total with etcd start and stop: {time.monotonic() - started:.1f} s")
     for problem in problems:
         print(f"FAILED: {problem}", file=sys.stderr)
     if problems:
         return 1
-    print("OK: node-b left and came back; the job shrank to 2 workers, grew back to 4 and "
-          "finished")
+    print(f"OK ({', '.join(f'handler={h}' for h in handlers)}): node-b left and came back; "
+          "the job shrank to 2 workers, grew back to 4 and finished")
     return 0
 
 

@@ -34,6 +34,7 @@ from etcd_rdzv import Deadline, EtcdClient
 from etcd_rdzv.codec import StateCodec
 from etcd_rdzv.config import BACKEND_OPTIONS, EtcdConfig, parse_endpoints
 from etcd_rdzv.elastic import create_backend
+from etcd_rdzv.keys import RunKeys
 from etcd_rdzv.testing import EtcdServer, find_etcd_binary
 from examples.torchrun_demo import (
     LOCAL_ADDR,
@@ -46,6 +47,9 @@ from examples.torchrun_demo import (
 )
 
 pytestmark = pytest.mark.slow
+
+#: Every end-to-end scenario runs for both rendezvous handlers (--rdzv-conf handler=...).
+HANDLERS = pytest.mark.parametrize("handler", ["torch", "native"])
 
 NPROC = 2
 #: How long any one torchrun node may take, start to exit, on a busy machine.
@@ -171,10 +175,13 @@ class _Watch:
 # 1. Two nodes meet.
 
 @pytest.mark.timeout(240)
-def test_two_nodes_train_in_one_world(etcd_server: EtcdServer, key_prefix: str) -> None:
+@HANDLERS
+def test_two_nodes_train_in_one_world(etcd_server: EtcdServer, key_prefix: str,
+                                      handler: str) -> None:
     command = torchrun_command(
         etcd_server.get_endpoint(), _run_id(), nnodes="2", nproc_per_node=NPROC,
-        max_restarts=0, rdzv_conf={"key_prefix": key_prefix}, script_args=["--steps", "3"],
+        max_restarts=0, rdzv_conf={"key_prefix": key_prefix, "handler": handler},
+        script_args=["--steps", "3"],
     )
     with _nodes(TorchrunNode("node-a", command), TorchrunNode("node-b", command)) as nodes:
         _finish(nodes)
@@ -203,14 +210,17 @@ def test_two_nodes_train_in_one_world(etcd_server: EtcdServer, key_prefix: str) 
 # 2. Elastic membership: a node dies, the job goes on, a node joins later.
 
 @pytest.mark.timeout(300)
-def test_node_lost_then_new_node_admitted(etcd_server: EtcdServer, key_prefix: str) -> None:
+@HANDLERS
+def test_node_lost_then_new_node_admitted(etcd_server: EtcdServer, key_prefix: str,
+                                          handler: str) -> None:
     progress: list[str] = []
     # node-a and node-b train in a world of 4; node-b is killed (torchrun and workers,
     # SIGKILL); node-a re-rendezvouses alone (world 2); node-b' starts and is admitted in
     # the next round (world 4); both finish. run_demo raises, with the output, otherwise.
     summary = run_demo(etcd_server.get_endpoint(), steps=10, sleep=0.3,
                        nproc_per_node=NPROC, timeout=NODE_TIMEOUT,
-                       extra_conf={"key_prefix": key_prefix}, say=progress.append)
+                       extra_conf={"key_prefix": key_prefix, "handler": handler},
+                       say=progress.append)
     node_a, node_b, node_b2 = summary.nodes
     context = "\n".join(progress) + "\n" + describe(summary.nodes)
     full = 2 * NPROC
@@ -232,7 +242,7 @@ def test_node_lost_then_new_node_admitted(etcd_server: EtcdServer, key_prefix: s
     assert {line.restart for line in node_b2.worker_lines("RESULT")} == {0}
     assert {line.restart for line in node_b2.worker_lines("STARTED")} == {0}
 
-    # torch's handler: rounds go up; the world went 4 -> 2 -> 4 workers. (Had node-b come
+    # Either handler: rounds go up; the world went 4 -> 2 -> 4 workers. (Had node-b come
     # too late for round 0, node-a would have started alone: 2 -> 4 -> 2 -> 4.)
     rounds = summary.rounds()
     assert list(rounds) == sorted(rounds) and len(rounds) >= 3, context
@@ -248,41 +258,47 @@ def test_node_lost_then_new_node_admitted(etcd_server: EtcdServer, key_prefix: s
 # 3. A finished run closes the rendezvous, and its keys expire.
 
 @pytest.mark.timeout(240)
-def test_finished_run_is_closed_and_expires(etcd_server: EtcdServer, key_prefix: str) -> None:
+@HANDLERS
+def test_finished_run_is_closed_and_expires(etcd_server: EtcdServer, key_prefix: str,
+                                            handler: str) -> None:
     endpoint = etcd_server.get_endpoint()
     config = _etcd_config(endpoint)
     run_id = _run_id()
-    state_key = f"{key_prefix}/{run_id}".encode()
+    keys = RunKeys(run_id, key_prefix)
     _, revision = _read_prefix(config, key_prefix + "/")
     watch = _Watch(endpoint, key_prefix + "/", revision + 1)
     command = torchrun_command(
         endpoint, run_id, nnodes="1", nproc_per_node=NPROC, max_restarts=0,
         # keep_alive_interval below the ttl, so that the state outlives the job's quiet spells.
         rdzv_conf={"ttl": 3, "key_prefix": key_prefix, "keep_alive_interval": 1,
-                   "last_call_timeout": 1},
+                   "last_call_timeout": 1, "handler": handler},
         script_args=["--steps", "3"],
     )
-    # A handler of the same run, as another agent would have; it only reads.
+    # torch's handler: a handler of the same run, as another agent would have; it only reads.
+    # (A native handler would be a node of the run, and its keep-alives would keep the run.)
     params = RendezvousParameters(backend="etcd-v3", endpoint=endpoint, run_id=run_id,
                                   min_nodes=1, max_nodes=1, local_addr=LOCAL_ADDR,
                                   key_prefix=key_prefix, ttl="3")
-    backend, store = create_backend(params)
-    handler = torch_create_handler(store, backend, params)
+    backend, store = create_backend(params) if handler == "torch" else (None, None)
 
-    def closed_state_written() -> bool:
-        kind, value = watch.last_event().get(state_key, ("", b""))
-        return kind == "PUT" and bool(_decode_state(state_key, value).closed)
+    def closed_written() -> bool:
+        if handler == "native":
+            return watch.last_event().get(keys.closed, ("", b""))[0] == "PUT"
+        kind, value = watch.last_event().get(keys.state, ("", b""))
+        return kind == "PUT" and bool(_decode_state(keys.state, value).closed)
 
     try:
         with _nodes(TorchrunNode("node", command)) as nodes:
-            # torchrun's shutdown writes closed=True; a fresh handler reads it at once
-            # (the key lives ttl = 3 s after that write).
-            wait_for(closed_state_written, NODE_TIMEOUT, "the closed state in etcd", nodes)
-            assert handler.is_closed(), describe(nodes)
+            # torchrun's shutdown closes the run (the keys live ttl = 3 s after that).
+            wait_for(closed_written, NODE_TIMEOUT, "the closed run in etcd", nodes)
+            if backend is not None and store is not None:
+                assert torch_create_handler(store, backend, params).is_closed(), \
+                    describe(nodes)
             _finish(nodes)
             assert len(_results(nodes)) == NPROC
 
-        # Nothing renews the keys any more: all of them expire, the state and the store's.
+        # Nothing renews the keys any more: all of them expire (the native node revoked
+        # its lease on shutdown; the run lease and the store's lease run out).
         deadline = time.monotonic() + 30.0
         while (left := _read_prefix(config, key_prefix + "/")[0]) and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -290,13 +306,17 @@ def test_finished_run_is_closed_and_expires(etcd_server: EtcdServer, key_prefix:
         wait_for(lambda: all(kind == "DELETE" for kind, _ in watch.last_event().values()),
                  10.0, "the watch to see every deletion")
         written = {key for kind, key, _ in watch.snapshot() if kind == "PUT"}
-        assert state_key in written
-        store_keys = {key for key in written if key.startswith(state_key + b"/store/")}
+        store_keys = {key for key in written if key.startswith(keys.store_prefix)}
         assert any(key.endswith(b"/MASTER_ADDR") for key in store_keys), sorted(written)
-        assert written == {state_key} | store_keys  # nothing outside the run's namespace
+        if handler == "torch":
+            assert written == {keys.state} | store_keys  # nothing outside the run's namespace
+        else:
+            assert keys.closed in written
+            assert all(key.startswith(keys.run_prefix) for key in written), sorted(written)
     finally:
         watch.close()
-        backend.close()
+        if backend is not None:
+            backend.close()
 
 
 # 4. Every option through --rdzv-conf.
@@ -356,6 +376,7 @@ def test_every_option_passes_through_rdzv_conf(auth_etcd: EtcdServer, tmp_path: 
         "wait": "watch",
         "compact_interval": 1,  # compacts etcd's whole history: this etcd is the test's own
         "verify_state": "true",
+        "handler": "torch",
     }
     assert set(conf) >= HANDLER_OPTIONS | (BACKEND_OPTIONS - TLS_OPTIONS)
     command = torchrun_command(endpoint, run_id, nnodes="1", nproc_per_node=NPROC,
@@ -376,6 +397,35 @@ def test_every_option_passes_through_rdzv_conf(auth_etcd: EtcdServer, tmp_path: 
     assert state.value[:4] == b"ERDZ" and state.value[5] & 1, "the state is not compressed"
     assert _decode_state(state_key, state.value).closed
     assert 0 < _lease_seconds_left(config, state.lease) <= 30 + 3
+
+
+@pytest.mark.timeout(240)
+def test_every_native_option_passes_through_rdzv_conf(auth_etcd: EtcdServer, tmp_path: Path,
+                                                       key_prefix: str) -> None:
+    endpoint = auth_etcd.get_endpoint()
+    password_file = tmp_path / "password"
+    password_file.write_text(_PASSWORD + "\n")
+    run_id = _run_id()
+    conf: dict[str, object] = {
+        "join_timeout": 60, "last_call_timeout": 1, "close_timeout": 10,
+        "heartbeat_timeout": 5, "keep_alive_interval": 1, "keep_alive_max_attempt": 3,
+        "protocol": "HTTP", "read_timeout": 20, "request_timeout": 3, "connect_timeout": 5,
+        "username": "root", "password_file": password_file, "key_prefix": key_prefix,
+        "ttl": 30, "handler": "native",
+    }
+    command = torchrun_command(endpoint, run_id, nnodes="1", nproc_per_node=NPROC,
+                               max_restarts=0, rdzv_conf=conf, script_args=["--steps", "2"])
+    with _nodes(TorchrunNode("node", command)) as nodes:
+        _finish(nodes)
+        assert [line.world for line in _results(nodes)] == [NPROC] * NPROC, describe(nodes)
+        assert "nobody reads" not in nodes[0].output()
+        assert "only handler=torch reads" not in nodes[0].output()
+    # Under key_prefix, with authentication, closed, on the run lease of ttl seconds.
+    config = _etcd_config(endpoint, "root", _PASSWORD)
+    keys = {item.key: item for item in _read_prefix(config, key_prefix + "/")[0]}
+    closed = RunKeys(run_id, key_prefix).closed
+    assert closed in keys, sorted(keys)
+    assert 0 < _lease_seconds_left(config, keys[closed].lease) <= 30
 
 
 @pytest.mark.timeout(120)

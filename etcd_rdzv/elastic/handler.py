@@ -11,6 +11,7 @@ waits for an address nobody publishes.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,10 @@ __all__ = ["NativeRendezvousHandler"]
 
 #: torch's switch for reusing the agent's TCPStore in the workers.
 _NO_SHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+#: The join messages go to torch's handler's logger, word for word as torch writes them, so
+#: that ``TORCH_LOGS``, log scrapers and dashboards built on torch's handler see them too.
+log = logging.getLogger("torch.distributed.elastic.rendezvous.dynamic_rendezvous")
 
 
 class NativeRendezvousHandler(RendezvousHandler):
@@ -75,8 +80,10 @@ class NativeRendezvousHandler(RendezvousHandler):
 
     def next_rendezvous(self) -> RendezvousInfo:
         node, run_id = self._async.node, self.get_run_id()
-        self._record(f"The node '{node}' attempts to join the next round of the rendezvous "
-                     f"'{run_id}'.", method="next_rendezvous")
+        message = (f"The node '{node}' attempts to join the next round of the rendezvous "
+                   f"'{run_id}'.")
+        self._record(message, method="next_rendezvous")
+        log.info(message)
         try:
             admission = run_for_torch(self._async.next_rendezvous(),
                                       self._seconds + self._read_seconds)
@@ -85,9 +92,10 @@ class NativeRendezvousHandler(RendezvousHandler):
                          method="next_rendezvous")
             raise
         rank = admission.rank
-        self._record(f"The node '{node}' has joined round {admission.round} of the rendezvous "
-                     f"'{run_id}' as rank {rank} in a world of size {admission.world_size}.",
-                     rank=rank, method="next_rendezvous")
+        message = (f"The node '{node}' has joined round {admission.round} of the rendezvous "
+                   f"'{run_id}' as rank {rank} in a world of size {admission.world_size}.")
+        self._record(message, rank=rank, method="next_rendezvous")
+        log.info(message)
         store = PrefixStore(f"torch.rendezvous.{run_id}.{admission.round}", self._store)
         server_port: int | None = None
         if self.use_agent_store and rank == 0:
