@@ -587,6 +587,8 @@ def etcd_processes_using(data_dir: str) -> list[int]:
     return pids
 
 
+#: How long `serve` may take to print its banner: etcd's own start timeout (60 s), and more.
+SERVE_START = 90.0
 BANNER = re.compile(r"etcd is serving on (\S+) \(started in [\d.]+ s, data in (\S+), ")
 
 
@@ -597,7 +599,7 @@ def test_serve_until_a_signal_and_leave_nothing_behind(
     process = start("serve", "--port", "0")
     processes.append(process)
     lines = Lines(process, process.stdout)
-    banner = lines.next()
+    banner = lines.next(SERVE_START)
     match = BANNER.match(banner)
     assert match, banner
     endpoint, data_dir = match.groups()
@@ -643,7 +645,7 @@ def test_serve_uses_port_2379_when_it_is_free(processes: list[subprocess.Popen[s
     probe.close()
     process = start("serve", "--host", host)
     processes.append(process)
-    match = BANNER.match(Lines(process, process.stdout).next())
+    match = BANNER.match(Lines(process, process.stdout).next(SERVE_START))
     assert match and match.group(1) == f"{host}:2379"
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == EXIT_OK
@@ -664,7 +666,7 @@ def test_serve_when_port_2379_is_taken(processes: list[subprocess.Popen[str]]) -
 
         process = start("serve", "--host", host)
         processes.append(process)
-        match = BANNER.match(Lines(process, process.stdout).next())
+        match = BANNER.match(Lines(process, process.stdout).next(SERVE_START))
         assert match and match.group(1) != f"{host}:2379"
         process.send_signal(signal.SIGINT)
         assert process.wait(30) == EXIT_OK
@@ -680,7 +682,7 @@ def test_serve_on_every_interface_only_with_expose_and_a_warning(
 ) -> None:
     process = start("serve", "--host", "0.0.0.0", "--expose", "--port", "0")
     processes.append(process)
-    match = BANNER.match(Lines(process, process.stdout).next())
+    match = BANNER.match(Lines(process, process.stdout).next(SERVE_START))
     assert match, "no banner"
     port = match.group(1).rsplit(":", 1)[1]
     process.send_signal(signal.SIGTERM)
