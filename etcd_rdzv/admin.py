@@ -31,11 +31,12 @@ from .errors import (
     CompactedError,
     EtcdConnectionError,
     EtcdStateError,
+    NotATorchStateError,
     RunNotFoundError,
     UnavailableError,
 )
 from .keys import RunKeys, parse_run_key, runs_prefix
-from .state import NotATorchStateError, RendezvousStateView, decode_state, encode_closed
+from .state import RendezvousStateView, decode_state, encode_closed
 
 __all__ = ["RendezvousAdmin", "RunInfo", "RunNotFoundError", "StateSnapshot"]
 
@@ -82,7 +83,7 @@ class RunInfo:
     """Why the state could not be decoded, if it could not."""
     not_a_torch_state: bool = False
     """The state key holds something other than torch's rendezvous state (another program
-    wrote it): :class:`~etcd_rdzv.state.NotATorchStateError`, not a corrupt state."""
+    wrote it): :class:`~etcd_rdzv.errors.NotATorchStateError`, not a corrupt state."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready data (what ``etcd-rdzv list --json`` prints)."""

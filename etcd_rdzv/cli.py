@@ -49,10 +49,10 @@ from .errors import (
     EtcdAuthError,
     EtcdRendezvousError,
     EtcdTLSError,
+    NotATorchStateError,
     RunNotFoundError,
     UnavailableError,
 )
-from .state import NotATorchStateError
 
 __all__ = [
     "EXIT_AUTH",

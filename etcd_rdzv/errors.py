@@ -9,6 +9,7 @@ Read this module to learn what can go wrong. The hierarchy::
     │   ├── EtcdTLSError             TLS is misconfigured: retrying cannot help
     │   └── EtcdAuthError            credentials or permissions refused
     ├── EtcdStateError               a stored value cannot be decoded or stored
+    │   ├── NotATorchStateError      ... it is no torch rendezvous state at all
     │   └── StateTooLargeError
     ├── CompactedError               a watch asked for history etcd has compacted
     ├── StoreTimeoutError            a store get/wait ran out of time
@@ -40,6 +41,7 @@ __all__ = [
     "HandlerMismatchError",
     "JoinTimeoutError",
     "LeaseNotFoundError",
+    "NotATorchStateError",
     "RunClosedError",
     "RunNotFoundError",
     "StandbyExitError",
@@ -86,6 +88,12 @@ class EtcdAuthError(EtcdConnectionError):
 
 class EtcdStateError(EtcdRendezvousError):
     """A stored value cannot be decoded, or a state cannot be stored."""
+
+
+class NotATorchStateError(EtcdStateError):
+    """The value is not a pickle of torch's rendezvous state at all: it does not unpickle and
+    does not name torch's state, or it holds another object. Another program wrote the key.
+    """
 
 
 class StateTooLargeError(EtcdStateError):

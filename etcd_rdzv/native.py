@@ -309,7 +309,8 @@ class AsyncNativeRendezvous:
             if self._started:
                 return
             deadline = self._deadline()
-            if (await self._client.get(self._keys.state, deadline)).kvs:
+            torch_state = await self._load_control(deadline)
+            if torch_state:
                 raise HandlerMismatchError(
                     f"The run {self._keys.run_id!r} is driven by handler=torch (its state key "
                     f"{self._keys.state.decode()!r} exists); this node uses handler=native. "
@@ -317,25 +318,33 @@ class AsyncNativeRendezvous:
                     "another --rdzv-id."
                 )
             self._node_lease = await self._client.grant_lease(self._settings.node_ttl, deadline)
-            await self._load_control(deadline)
-            await self._ensure_run_lease(deadline)
+            await self._run_lease(deadline)
             loop = asyncio.get_running_loop()
             self._tasks = [loop.create_task(self._watch_control()),
                            loop.create_task(self._keep_alive())]
             self._started = True
 
-    async def _load_control(self, deadline: Deadline) -> None:
-        response = await self._client.get_prefix(self._keys.control_prefix, deadline)
+    async def _load_control(self, deadline: Deadline) -> bool:
+        """Mirror the ``ctl/`` keys; True when torch's state key exists (in the same read)."""
+        prefix = self._keys.control_prefix
+        response = await self._client.txn_idempotent(rpc.TxnRequest(success=[
+            rpc.RequestOp(request_range=rpc.RangeRequest(
+                key=prefix, range_end=utils.prefix_range_end(prefix))),
+            rpc.RequestOp(request_range=rpc.RangeRequest(key=self._keys.state, count_only=True)),
+        ]), deadline, f"Reading {prefix.decode()!r}")
         control = _Control(revision=int(response.header.revision))
-        for kv in response.kvs:
+        for kv in response.responses[0].response_range.kvs:
             self._apply(control, bytes(kv.key), bytes(kv.value))
         self._control = control
         self._notify()
+        return bool(response.responses[1].response_range.count)
 
-    async def _ensure_run_lease(self, deadline: Deadline) -> int:
-        """The run lease (shared by the run's nodes), granted if the run has none alive."""
-        if self._control.run_lease and \
-                await self._client.keep_alive(self._control.run_lease, deadline) > 0:
+    async def _run_lease(self, deadline: Deadline) -> int:
+        """The run lease (shared by the run's nodes), granted if the run has none.
+
+        The mirror's is taken as alive: its key goes when it expires.
+        """
+        if self._control.run_lease:
             return self._control.run_lease
         lease = await self._client.grant_lease(self._settings.ttl, deadline)
         result = await compare_and_swap(
@@ -446,7 +455,8 @@ class AsyncNativeRendezvous:
         self._admission = None
         if self._control.closed:
             raise RunClosedError(f"The rendezvous {self._keys.run_id!r} is closed.")
-        await self._join(max(self._control.seals, default=0) + 1)
+        counts: tuple[int, int] | None = \
+            await self._join(max(self._control.seals, default=0) + 1)
         self._standby = False
         seal_at = math.inf
         check_at = 0.0
@@ -465,7 +475,7 @@ class AsyncNativeRendezvous:
                     self._admission = admission
                     return admission
                 self._standby = seal.size >= settings.max_nodes
-                await self._join(self._round + 1)
+                counts = await self._join(self._round + 1)
                 seal_at, check_at = math.inf, 0.0
                 continue
             now = time.monotonic()
@@ -480,7 +490,8 @@ class AsyncNativeRendezvous:
                 check_at = 0.0
                 continue
             if now >= check_at:
-                seal_at = min(seal_at, await self._check_round(now))
+                seal_at = min(seal_at, await self._check_round(now, counts))
+                counts = None  # the join's counts are used once; later checks read afresh
                 check_at = now + settings.keep_alive_interval
                 if seal_at <= now:
                     continue
@@ -490,26 +501,25 @@ class AsyncNativeRendezvous:
             if changed.is_set():
                 check_at = 0.0  # a ctl/ change: look again (a few times per round)
 
-    async def _check_round(self, now: float) -> float:
+    async def _check_round(self, now: float, counts: tuple[int, int] | None = None) -> float:
         """Look at this node's open round; return when to seal it (now: at once).
 
-        While members of the previous round still hold their keys, the round waits (one
-        round trains at a time, as torch's wait list waits for the round to change).
+        ``counts`` are the nodes of this round and of the previous one, if just read. While
+        members of the previous round still hold their keys, the round waits (one round
+        trains at a time, as torch's wait list waits for the round to change).
         """
         settings, round_ = self._settings, self._round
+        joined, members_left = counts if counts is not None else await self._counts()
         previous = self._control.seals.get(round_ - 1)
-        if previous is not None:
-            members_left = await self._count(self._keys.round_prefix(round_ - 1))
-            if members_left > 0:
-                # The previous round still trains: ask its members to come over, if there
-                # is room for this node (else it stands by).
-                room = previous.size < settings.max_nodes or members_left < previous.size
-                self._standby = not room
-                if room and round_ not in self._control.waiting:
-                    await self._client.put(self._keys.waiting(round_), self._node.name,
-                                           self._node_lease, self._deadline())
-                return math.inf
-        joined = await self._count(self._keys.round_prefix(round_))
+        if previous is not None and members_left > 0:
+            # The previous round still trains: ask its members to come over, if there
+            # is room for this node (else it stands by).
+            room = previous.size < settings.max_nodes or members_left < previous.size
+            self._standby = not room
+            if room and round_ not in self._control.waiting:
+                await self._client.put(self._keys.waiting(round_), self._node.name,
+                                       self._node_lease, self._deadline())
+            return math.inf
         if joined >= settings.max_nodes:
             return now
         if joined >= settings.min_nodes:
@@ -525,8 +535,9 @@ class AsyncNativeRendezvous:
                                             f"Counting {prefix.decode(errors='replace')!r}")
         return int(response.count)
 
-    async def _join(self, round_: int) -> None:
-        """Move this node's key into ``round_``: one Txn, which also leaves its old round."""
+    async def _join(self, round_: int) -> tuple[int, int]:
+        """Move this node's key into ``round_``: one Txn, which also leaves its old round
+        and counts the nodes in this round and the previous one (returned, in that order)."""
         deadline = self._deadline()
         if not self._node_lease:
             self._node_lease = await self._client.grant_lease(self._settings.node_ttl, deadline)
@@ -536,8 +547,12 @@ class AsyncNativeRendezvous:
 
         def request() -> rpc.TxnRequest:
             value = json.dumps({"joined_at": time.time()}).encode()
-            return rpc.TxnRequest(success=[*ops, rpc.RequestOp(request_put=rpc.PutRequest(
-                key=key, value=value, lease=self._node_lease))])
+            return rpc.TxnRequest(success=[
+                *ops,
+                rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value,
+                                                         lease=self._node_lease)),
+                *self._count_ops(round_),
+            ])
 
         what = f"Joining round {round_} of {self._keys.run_id!r}"
         try:
@@ -547,6 +562,23 @@ class AsyncNativeRendezvous:
             response = await self._client.txn_idempotent(request(), deadline, what)
         self._member_key, self._round = key, round_
         self._member_revision = int(response.header.revision)
+        joined, previous = response.responses[-2:]
+        return int(joined.response_range.count), int(previous.response_range.count)
+
+    def _count_ops(self, round_: int) -> list[rpc.RequestOp]:
+        """Count the join keys of ``round_`` and of the round before it."""
+        return [rpc.RequestOp(request_range=rpc.RangeRequest(
+                    key=prefix, range_end=utils.prefix_range_end(prefix), count_only=True))
+                for prefix in (self._keys.round_prefix(round_),
+                               self._keys.round_prefix(round_ - 1))]
+
+    async def _counts(self) -> tuple[int, int]:
+        """The nodes in this node's round and in the previous one: one read."""
+        response = await self._client.txn_idempotent(
+            rpc.TxnRequest(success=self._count_ops(self._round)), self._deadline(),
+            f"Counting the nodes of round {self._round}")
+        joined, previous = response.responses
+        return int(joined.response_range.count), int(previous.response_range.count)
 
     async def _leave_round(self) -> None:
         if self._member_key is not None:
@@ -582,7 +614,7 @@ class AsyncNativeRendezvous:
         result = await compare_and_swap(
             self._client, self._keys.seal(round_), Expect.absent(), seal.encode(), deadline,
             f"Sealing round {round_} of {self._keys.run_id!r}",
-            lease=await self._ensure_run_lease(deadline), tagged=True,
+            lease=await self._run_lease(deadline), tagged=True,
         )
         if result.applied:
             log.info("node %s sealed round %d of %r with %d nodes", self._node, round_,
@@ -641,7 +673,7 @@ class AsyncNativeRendezvous:
         await self.start()
         deadline = Deadline.after(self._settings.close_timeout)
         await self._client.put(self._keys.closed, self._node.name,
-                               await self._ensure_run_lease(deadline), deadline)
+                               await self._run_lease(deadline), deadline)
 
     async def leave(self) -> None:
         """Leave the run now, without closing it: revoking this node's lease deletes its

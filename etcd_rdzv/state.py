@@ -38,12 +38,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from .errors import EtcdStateError
+from .errors import EtcdStateError, NotATorchStateError
 
 __all__ = [
     "TORCH_STATE_MODULE",
     "NodeDesc",
-    "NotATorchStateError",
     "RendezvousStateView",
     "decode_state",
     "encode_closed",
@@ -54,11 +53,6 @@ TORCH_STATE_MODULE = "torch.distributed.elastic.rendezvous.dynamic_rendezvous"
 
 _UTC = datetime.timezone.utc
 
-
-class NotATorchStateError(EtcdStateError):
-    """The value is not a pickle of torch's rendezvous state at all: it does not unpickle and
-    does not name torch's state, or it holds another object. Another program wrote the key.
-    """
 
 
 class _PickledNode:
