@@ -83,6 +83,8 @@ _RETRY_BACKOFF_INITIAL = 0.05
 #: What a stream's read() returns at its end (grpc-stubs does not declare it).
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 _RETRY_BACKOFF_MAX = 0.5
+#: How long closing waits for a cancelled stream's reader to end, seconds.
+_CLOSE_WAIT = 1.0
 
 
 
@@ -250,7 +252,7 @@ class _Session:
                    _KeepAliveStream(lease, metadata))
 
     async def close(self) -> None:
-        self.keep_alives.close()
+        await self.keep_alives.close()
         await self.channel.close(None)
 
 
@@ -282,10 +284,13 @@ class _KeepAliveStream:
         try:
             async with self._write_lock:
                 await self._stream.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
-            return await asyncio.wait_for(asyncio.shield(answer), timeout)
-        except asyncio.TimeoutError:
-            raise UnavailableError(f"Renewing lease {lease_id:x} failed: no answer within "
-                                   f"{timeout:g} s.") from None
+            # asyncio.wait, not wait_for: Python 3.11's wait_for can swallow a cancellation
+            # that arrives as the answer does, and the caller's loop would never stop.
+            await asyncio.wait({answer}, timeout=timeout)
+            if not answer.done():
+                raise UnavailableError(f"Renewing lease {lease_id:x} failed: no answer within "
+                                       f"{timeout:g} s.")
+            return answer.result()
         finally:
             waiting = self._waiters.get(lease_id, [])
             if answer in waiting:
@@ -315,12 +320,16 @@ class _KeepAliveStream:
                     else:
                         answer.set_exception(error)
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """End the stream and wait for its reader: no call may outlive the event loop."""
         if self._stream is not None:
             self._stream.cancel()
             self._stream = None
-        if self._reader is not None:
-            self._reader.cancel()
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            # Bounded: a read gRPC never completes must not hang the close.
+            await asyncio.wait({reader}, timeout=_CLOSE_WAIT)
 
 
 def _tls_credentials(config: EtcdConfig) -> grpc.ChannelCredentials:

@@ -55,11 +55,14 @@ import os
 import socket
 import threading
 import time
+import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import ClassVar, TypeVar
 
 from aetcd import rpc, utils
 
-from ._connection import EtcdClient, WatchEvent
+from ._connection import EtcdClient
 from .cas import Expect, compare_and_swap
 from .config import DEFAULT_TTL, integer_at_least, seconds_between
 from .deadline import Deadline
@@ -84,6 +87,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Between a node descriptor's parts in its key. It sorts below every character an address
 #: may hold, so ``"a" < "a-b"`` holds for the keys as for torch's tuples.
@@ -223,6 +228,150 @@ class _Control:
     """The revision the mirror is current as of."""
 
 
+class _ControlFeed:
+    """The ``ctl/`` keys of one run, mirrored by one watch, for every node of the run that
+    shares a client (in production one node per process; a harness runs thousands).
+
+    Nodes wait on :attr:`changed`, which is set (and replaced) on every change a waiting
+    node acts on: a seal, a waiting marker, the close.
+    """
+
+    _feeds: ClassVar[weakref.WeakKeyDictionary[EtcdClient, dict[bytes, _ControlFeed]]] = \
+        weakref.WeakKeyDictionary()
+
+    def __init__(self, client: EtcdClient | None, keys: RunKeys) -> None:
+        self._client = client
+        self._keys = keys
+        self.control = _Control()
+        self.changed = asyncio.Event()
+        self._users = 0
+        self._task: asyncio.Task[None] | None = None
+        self._ready: asyncio.Future[None] | None = None
+
+    @classmethod
+    def detached(cls, keys: RunKeys) -> _ControlFeed:
+        """An empty mirror, until a node starts."""
+        return cls(None, keys)
+
+    @classmethod
+    async def attach(cls, client: EtcdClient, keys: RunKeys, deadline: Deadline) -> _ControlFeed:
+        """The feed of ``keys``'s run on ``client``: loaded and watched by its first user.
+
+        Raises:
+            HandlerMismatchError: torch's handler drives this run.
+        """
+        feeds = cls._feeds.setdefault(client, {})
+        feed = feeds.get(keys.control_prefix)
+        if feed is None:
+            feed = feeds[keys.control_prefix] = cls(client, keys)
+        feed._users += 1
+        try:
+            if feed._ready is None:
+                feed._ready = asyncio.get_running_loop().create_future()
+                try:
+                    if await feed._load(deadline):
+                        raise _torch_run(keys)
+                except BaseException as exc:
+                    feed._ready.set_exception(exc)
+                    feed._ready.exception()  # retrieved: later users re-raise it themselves
+                    feed._ready = None
+                    raise
+                feed._ready.set_result(None)
+                feed._task = asyncio.get_running_loop().create_task(feed._watch(client))
+            else:
+                await asyncio.shield(feed._ready)
+        except BaseException:
+            await feed.detach()
+            raise
+        return feed
+
+    async def detach(self) -> None:
+        """A node is done with the feed; the last one stops the watch."""
+        self._users -= 1
+        if self._users > 0 or self._client is None:
+            return
+        self._feeds.get(self._client, {}).pop(self._keys.control_prefix, None)
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            # Let it end (its watch stream closes) before the caller closes the loop.
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _load(self, deadline: Deadline) -> bool:
+        """Mirror the ``ctl/`` keys; True when torch's state key exists (in the same read)."""
+        assert self._client is not None
+        prefix = self._keys.control_prefix
+        response = await self._client.txn_idempotent(rpc.TxnRequest(success=[
+            rpc.RequestOp(request_range=rpc.RangeRequest(
+                key=prefix, range_end=utils.prefix_range_end(prefix))),
+            rpc.RequestOp(request_range=rpc.RangeRequest(key=self._keys.state, count_only=True)),
+        ]), deadline, f"Reading {prefix.decode()!r}")
+        control = _Control(revision=int(response.header.revision))
+        for kv in response.responses[0].response_range.kvs:
+            self._apply(control, bytes(kv.key), bytes(kv.value))
+        self.control = control
+        self._notify()
+        return bool(response.responses[1].response_range.count)
+
+    def _apply(self, control: _Control, key: bytes, value: bytes | None) -> bool:
+        """Mirror one ``ctl/`` key (``value`` None: deleted); False when the change is none a
+        waiting node acts on (the run lease's key)."""
+        keys = self._keys
+        if key == keys.closed:
+            control.closed = value is not None
+        elif key == keys.run_lease:
+            control.run_lease = int(value, 16) if value else 0
+            return False
+        elif key.startswith(keys.seal_prefix):
+            round_ = int(key[len(keys.seal_prefix):])
+            if value is None:
+                control.seals.pop(round_, None)
+            else:
+                control.seals[round_] = Seal.decode(value)
+        elif key.startswith(keys.waiting_prefix):
+            round_ = int(key[len(keys.waiting_prefix):])
+            if value is None:
+                control.waiting.discard(round_)
+            else:
+                control.waiting.add(round_)
+        return True
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    async def _watch(self, client: EtcdClient) -> None:
+        """Keep the mirror current: one watch, resumed after every break."""
+        prefix = self._keys.control_prefix
+        backoff = _WATCH_BACKOFF_INITIAL
+        while True:
+            try:
+                async with contextlib.aclosing(client.watch(
+                    prefix, self.control.revision + 1,
+                    Deadline.after(client.config.read_timeout),
+                    range_end=utils.prefix_range_end(prefix),
+                )) as events:
+                    async for event in events:
+                        if self._apply(self.control, event.key, event.value):
+                            self._notify()
+                        self.control.revision = event.revision
+                        backoff = _WATCH_BACKOFF_INITIAL
+            except CompactedError:
+                with contextlib.suppress(EtcdConnectionError):
+                    await self._load(Deadline.after(client.config.read_timeout))
+            except EtcdConnectionError as exc:
+                log.debug("the control watch of %r broke (%s); resuming", self._keys.run_id, exc)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _WATCH_BACKOFF_MAX)
+
+
+def _torch_run(keys: RunKeys) -> HandlerMismatchError:
+    return HandlerMismatchError(
+        f"The run {keys.run_id!r} is driven by handler=torch (its state key "
+        f"{keys.state.decode()!r} exists); this node uses handler=native. Give every node of "
+        "a run the same --rdzv-conf handler=..., or use another --rdzv-id.")
+
+
 async def refuse_native_run(client: EtcdClient, keys: RunKeys, deadline: Deadline) -> None:
     """For torch's handler: raise if the run is a native one (one run, one protocol).
 
@@ -255,8 +404,7 @@ class AsyncNativeRendezvous:
         self._keys = keys
         self._settings = settings
         self._node = node or NodeId.generate()
-        self._control = _Control()
-        self._changed = asyncio.Event()
+        self._feed = _ControlFeed.detached(keys)
         self._started = False
         self._start_lock: asyncio.Lock | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -266,7 +414,6 @@ class AsyncNativeRendezvous:
         self._round = 0
         self._admission: Admission | None = None
         self._last_waiting = 0
-        self._watch_healthy = False
         #: Whether this node stands by beyond max_nodes (torch's redundancy list).
         self._standby = False
 
@@ -290,10 +437,18 @@ class AsyncNativeRendezvous:
     def _deadline(self) -> Deadline:
         return Deadline.after(self._client.config.read_timeout)
 
-    # --- the node's life: leases, the control watch ---------------------------------------
+    # --- the node's life: leases, the control feed, keep-alives ------------------------------
+
+    @property
+    def _control(self) -> _Control:
+        return self._feed.control
+
+    @property
+    def _changed(self) -> asyncio.Event:
+        return self._feed.changed
 
     async def start(self) -> None:
-        """Check the run's handler, take a lease, mirror ``ctl/`` and start the loops.
+        """Take this node's lease, mirror ``ctl/`` and start the keep-alive loop.
 
         :meth:`next_rendezvous` starts the node when needed; call it to fail early.
 
@@ -309,35 +464,17 @@ class AsyncNativeRendezvous:
             if self._started:
                 return
             deadline = self._deadline()
-            torch_state = await self._load_control(deadline)
-            if torch_state:
-                raise HandlerMismatchError(
-                    f"The run {self._keys.run_id!r} is driven by handler=torch (its state key "
-                    f"{self._keys.state.decode()!r} exists); this node uses handler=native. "
-                    "Give every node of a run the same --rdzv-conf handler=..., or use "
-                    "another --rdzv-id."
-                )
-            self._node_lease = await self._client.grant_lease(self._settings.node_ttl, deadline)
-            await self._run_lease(deadline)
-            loop = asyncio.get_running_loop()
-            self._tasks = [loop.create_task(self._watch_control()),
-                           loop.create_task(self._keep_alive())]
+            self._feed = await _ControlFeed.attach(self._client, self._keys, deadline)
+            try:
+                # The run lease is taken by the first node that writes a shared key (a seal,
+                # the close), not here: N nodes starting at once would each grant one.
+                self._node_lease = await self._client.grant_lease(self._settings.node_ttl,
+                                                                  deadline)
+            except BaseException:
+                await self._feed.detach()
+                raise
+            self._tasks = [asyncio.get_running_loop().create_task(self._keep_alive())]
             self._started = True
-
-    async def _load_control(self, deadline: Deadline) -> bool:
-        """Mirror the ``ctl/`` keys; True when torch's state key exists (in the same read)."""
-        prefix = self._keys.control_prefix
-        response = await self._client.txn_idempotent(rpc.TxnRequest(success=[
-            rpc.RequestOp(request_range=rpc.RangeRequest(
-                key=prefix, range_end=utils.prefix_range_end(prefix))),
-            rpc.RequestOp(request_range=rpc.RangeRequest(key=self._keys.state, count_only=True)),
-        ]), deadline, f"Reading {prefix.decode()!r}")
-        control = _Control(revision=int(response.header.revision))
-        for kv in response.responses[0].response_range.kvs:
-            self._apply(control, bytes(kv.key), bytes(kv.value))
-        self._control = control
-        self._notify()
-        return bool(response.responses[1].response_range.count)
 
     async def _run_lease(self, deadline: Deadline) -> int:
         """The run lease (shared by the run's nodes), granted if the run has none.
@@ -357,62 +494,23 @@ class AsyncNativeRendezvous:
         self._control.run_lease = lease
         return lease
 
-    def _apply(self, control: _Control, key: bytes, value: bytes | None) -> None:
-        """Mirror one ``ctl/`` key (``value`` None: deleted)."""
-        keys = self._keys
-        if key == keys.closed:
-            control.closed = value is not None
-        elif key == keys.run_lease:
-            control.run_lease = int(value, 16) if value else 0
-        elif key.startswith(keys.seal_prefix):
-            round_ = int(key[len(keys.seal_prefix):])
-            if value is None:
-                control.seals.pop(round_, None)
-            else:
-                control.seals[round_] = Seal.decode(value)
-        elif key.startswith(keys.waiting_prefix):
-            round_ = int(key[len(keys.waiting_prefix):])
-            if value is None:
-                control.waiting.discard(round_)
-            else:
-                control.waiting.add(round_)
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def _watch_control(self) -> None:
-        """Keep the ``ctl/`` mirror current: one watch, resumed after every break."""
-        prefix = self._keys.control_prefix
-        backoff = _WATCH_BACKOFF_INITIAL
-        while True:
-            try:
-                async with contextlib.aclosing(self._client.watch(
-                    prefix, self._control.revision + 1, self._deadline(),
-                    range_end=utils.prefix_range_end(prefix),
-                )) as events:
-                    self._watch_healthy = True
-                    async for event in events:
-                        self._on_control_event(event)
-                        backoff = _WATCH_BACKOFF_INITIAL
-            except CompactedError:
-                with contextlib.suppress(EtcdConnectionError):
-                    await self._load_control(self._deadline())
-            except EtcdConnectionError as exc:
-                log.debug("the control watch of %r broke (%s); resuming", self._keys.run_id, exc)
-            self._watch_healthy = False
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, _WATCH_BACKOFF_MAX)
-
-    def _on_control_event(self, event: WatchEvent) -> None:
-        self._apply(self._control, event.key, event.value)
-        self._control.revision = event.revision
-        self._notify()
+    async def _with_run_lease(self, write: Callable[[int], Awaitable[T]],
+                              deadline: Deadline) -> T:
+        """``write(run_lease)``; if the lease just expired (the mirror lags), with a new one."""
+        try:
+            return await write(await self._run_lease(deadline))
+        except LeaseNotFoundError:
+            self._control.run_lease = 0
+            return await write(await self._run_lease(deadline))
 
     async def _keep_alive(self) -> None:
         """Renew this node's lease and the run lease every ``keep_alive_interval``."""
         settings = self._settings
         unreachable_since: float | None = None
+        # The run lease lasts ttl: renewing it every ttl/10 is plenty, and spares etcd N
+        # renewals of one lease per interval.
+        run_lease_every = max(settings.keep_alive_interval, settings.ttl / 10)
+        run_lease_renewed = -math.inf
         while True:
             await asyncio.sleep(settings.keep_alive_interval)
             deadline = Deadline.after(settings.heartbeat_timeout)
@@ -423,8 +521,10 @@ class AsyncNativeRendezvous:
                                 "joins.", self._node, self._keys.run_id,
                                 settings.keep_alive_max_attempt)
                     self._node_lease = 0
-                if self._control.run_lease:
+                if self._control.run_lease and \
+                        time.monotonic() - run_lease_renewed >= run_lease_every:
                     await self._client.keep_alive(self._control.run_lease, deadline)
+                    run_lease_renewed = time.monotonic()
             except EtcdConnectionError as exc:
                 if unreachable_since is None:
                     unreachable_since = time.monotonic()
@@ -496,8 +596,11 @@ class AsyncNativeRendezvous:
                 if seal_at <= now:
                     continue
             wake_at = min(give_up_at, seal_at, check_at)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(changed.wait(), max(0.0, wake_at - time.monotonic()))
+            waiter = asyncio.ensure_future(changed.wait())
+            try:
+                await asyncio.wait({waiter}, timeout=max(0.0, wake_at - time.monotonic()))
+            finally:
+                waiter.cancel()
             if changed.is_set():
                 check_at = 0.0  # a ctl/ change: look again (a few times per round)
 
@@ -547,7 +650,8 @@ class AsyncNativeRendezvous:
 
         def request() -> rpc.TxnRequest:
             value = json.dumps({"joined_at": time.time()}).encode()
-            return rpc.TxnRequest(success=[
+            # Guarded by the absence of torch's state: one run, one protocol.
+            return rpc.TxnRequest(compare=[Expect.absent().compare(self._keys.state)], success=[
                 *ops,
                 rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value,
                                                          lease=self._node_lease)),
@@ -560,6 +664,8 @@ class AsyncNativeRendezvous:
         except LeaseNotFoundError:
             self._node_lease = await self._client.grant_lease(self._settings.node_ttl, deadline)
             response = await self._client.txn_idempotent(request(), deadline, what)
+        if not response.succeeded:
+            raise _torch_run(self._keys)
         self._member_key, self._round = key, round_
         self._member_revision = int(response.header.revision)
         joined, previous = response.responses[-2:]
@@ -600,6 +706,8 @@ class AsyncNativeRendezvous:
     async def _seal(self, round_: int) -> bool:
         """Try to seal ``round_`` with the nodes that joined it; True if it is sealed now."""
         settings, prefix = self._settings, self._keys.round_prefix(round_)
+        if round_ in self._control.seals:
+            return True  # another node was quicker; its seal is what counts
         deadline = self._deadline()
         response = await self._client.range(
             rpc.RangeRequest(key=prefix, range_end=utils.prefix_range_end(prefix),
@@ -611,11 +719,10 @@ class AsyncNativeRendezvous:
         if joined > settings.max_nodes:
             cutoff, joined = await self._cap(prefix, cutoff, deadline)
         seal = Seal(round_, cutoff, joined, time.time(), str(self._node))
-        result = await compare_and_swap(
+        result = await self._with_run_lease(lambda lease: compare_and_swap(
             self._client, self._keys.seal(round_), Expect.absent(), seal.encode(), deadline,
-            f"Sealing round {round_} of {self._keys.run_id!r}",
-            lease=await self._run_lease(deadline), tagged=True,
-        )
+            f"Sealing round {round_} of {self._keys.run_id!r}", lease=lease, tagged=True,
+        ), deadline)
         if result.applied:
             log.info("node %s sealed round %d of %r with %d nodes", self._node, round_,
                      self._keys.run_id, joined)
@@ -672,8 +779,8 @@ class AsyncNativeRendezvous:
         """Close the run: nodes waiting for a round get :class:`RunClosedError`."""
         await self.start()
         deadline = Deadline.after(self._settings.close_timeout)
-        await self._client.put(self._keys.closed, self._node.name,
-                               await self._run_lease(deadline), deadline)
+        await self._with_run_lease(lambda lease: self._client.put(
+            self._keys.closed, self._node.name, lease, deadline), deadline)
 
     async def leave(self) -> None:
         """Leave the run now, without closing it: revoking this node's lease deletes its
@@ -681,8 +788,9 @@ class AsyncNativeRendezvous:
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
-        # Let them end (their watch stream closes) before the caller closes the loop.
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._started:
+            await self._feed.detach()
         lease, self._node_lease = self._node_lease, 0
         self._started, self._member_key, self._admission = False, None, None
         if lease:

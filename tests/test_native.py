@@ -278,9 +278,10 @@ async def test_a_round_costs_one_write_per_node_and_one_seal(nodes: Nodes,
         await node.start()  # leases and the run lease key: once per node's life
     before = await revision(etcd_client)
     await join_all(group)
-    # One join Put per node and one seal; the sealer's removal of old seal and wait keys
+    # One join Put per node and one seal, plus, once in the run's life, the key of the run
+    # lease (taken by the first sealer); the sealer's removal of old seal and wait keys
     # finds nothing to remove in a first round.
-    assert await writes_under(etcd_client, nodes.keys.native_prefix, before) == size + 1
+    assert await writes_under(etcd_client, nodes.keys.native_prefix, before) == size + 2
 
 
 async def test_training_writes_nothing_while_nodes_heartbeat(nodes: Nodes,
@@ -313,6 +314,7 @@ def test_a_torch_handler_refuses_a_native_run(etcd_server: EtcdServer, key_prefi
                                     handler=handler)
 
     native = create_handler(params("native"))
+    native.next_rendezvous()  # the run now has native keys
     try:
         with pytest.raises(RendezvousError, match=r"handler=native.*handler=torch"):
             create_handler(params("torch"))
