@@ -83,7 +83,9 @@ __all__ = [
     "NativeSettings",
     "NodeId",
     "Seal",
+    "close_native_run",
     "refuse_native_run",
+    "run_lease",
 ]
 
 log = logging.getLogger(__name__)
@@ -365,6 +367,38 @@ class _ControlFeed:
             backoff = min(backoff * 2, _WATCH_BACKOFF_MAX)
 
 
+async def run_lease(client: EtcdClient, keys: RunKeys, ttl: int, deadline: Deadline) -> int:
+    """The run lease of a native run: the one ``ctl/lease`` names, else a new lease of
+    ``ttl`` seconds that this call names there (exactly one of concurrent callers wins)."""
+    current = (await client.get(keys.run_lease, deadline)).kvs
+    if current:
+        return int(current[0].value, 16)
+    lease = await client.grant_lease(ttl, deadline)
+    result = await compare_and_swap(
+        client, keys.run_lease, Expect.absent(), b"%x" % lease, deadline,
+        f"Creating the run lease of {keys.run_id!r}", lease=lease,
+    )
+    if not result.applied and result.value is not None:
+        await client.revoke_lease(lease, deadline)
+        lease = int(result.value, 16)
+    return lease
+
+
+async def close_native_run(client: EtcdClient, keys: RunKeys, deadline: Deadline, *,
+                           ttl: int = DEFAULT_TTL, closed_by: bytes = b"operator") -> None:
+    """Close a native run (from a node, or from outside it): waiting nodes get
+    :class:`RunClosedError`, standbys :class:`StandbyExitError`. The ``closed`` key lives on
+    the run lease, so it expires with the run's other shared keys."""
+    for attempt in range(2):
+        lease = await run_lease(client, keys, ttl, deadline)
+        try:
+            await client.put(keys.closed, closed_by, lease, deadline)
+            return
+        except LeaseNotFoundError:
+            if attempt:  # the run lease expired between the read and the put, twice
+                raise
+
+
 def _torch_run(keys: RunKeys) -> HandlerMismatchError:
     return HandlerMismatchError(
         f"The run {keys.run_id!r} is driven by handler=torch (its state key "
@@ -481,18 +515,10 @@ class AsyncNativeRendezvous:
 
         The mirror's is taken as alive: its key goes when it expires.
         """
-        if self._control.run_lease:
-            return self._control.run_lease
-        lease = await self._client.grant_lease(self._settings.ttl, deadline)
-        result = await compare_and_swap(
-            self._client, self._keys.run_lease, Expect.absent(), b"%x" % lease, deadline,
-            f"Creating the run lease of {self._keys.run_id!r}", lease=lease,
-        )
-        if not result.applied and result.value is not None:
-            await self._client.revoke_lease(lease, deadline)
-            lease = int(result.value, 16)
-        self._control.run_lease = lease
-        return lease
+        if not self._control.run_lease:
+            self._control.run_lease = await run_lease(self._client, self._keys,
+                                                      self._settings.ttl, deadline)
+        return self._control.run_lease
 
     async def _with_run_lease(self, write: Callable[[int], Awaitable[T]],
                               deadline: Deadline) -> T:
@@ -778,9 +804,9 @@ class AsyncNativeRendezvous:
     async def set_closed(self) -> None:
         """Close the run: nodes waiting for a round get :class:`RunClosedError`."""
         await self.start()
-        deadline = Deadline.after(self._settings.close_timeout)
-        await self._with_run_lease(lambda lease: self._client.put(
-            self._keys.closed, self._node.name, lease, deadline), deadline)
+        await close_native_run(self._client, self._keys,
+                               Deadline.after(self._settings.close_timeout),
+                               ttl=self._settings.ttl, closed_by=self._node.name)
 
     async def leave(self) -> None:
         """Leave the run now, without closing it: revoking this node's lease deletes its
