@@ -30,6 +30,7 @@ from etcd_rdzv.elastic.fast_handler import (
     WatchingRendezvousOpExecutor,
     is_fast_handler,
 )
+from etcd_rdzv.elastic.torch_handler import OutageTolerantRendezvousHandler
 from etcd_rdzv.testing import EtcdServer
 from etcd_rdzv.testing.agents import (
     LOCAL_ADDR,
@@ -55,9 +56,10 @@ def make_params(endpoint: str, run_id: str, key_prefix: str, *, min_nodes: int =
 
 
 def dynamic_handler(params: RendezvousParameters) -> DynamicRendezvousHandler:
-    """The plug-in's handler, which is always torch's class (fast or not)."""
+    """The plug-in's handler: torch's class, made outage-tolerant (fast or not)."""
     handler = create_handler(params)
-    assert type(handler) is DynamicRendezvousHandler
+    assert type(handler) is OutageTolerantRendezvousHandler
+    assert isinstance(handler, DynamicRendezvousHandler)
     return handler
 
 
@@ -222,7 +224,7 @@ def test_wait_watch_builds_the_fast_handler_and_poll_the_stock_one(
     stock = dynamic_handler(make_params(endpoint, new_run_id(), key_prefix, **options))
     explicit = dynamic_handler(make_params(endpoint, new_run_id(), key_prefix, wait="poll"))
 
-    assert type(fast) is DynamicRendezvousHandler
+    assert type(fast) is OutageTolerantRendezvousHandler
     assert is_fast_handler(fast) and isinstance(fast._op_executor, WatchingRendezvousOpExecutor)
     assert not is_fast_handler(stock) and not is_fast_handler(explicit)
     assert type(stock._op_executor) is torch_dr._DistributedRendezvousOpExecutor

@@ -33,7 +33,7 @@ from etcd_rdzv import (
 from etcd_rdzv.elastic import create_handler
 from etcd_rdzv.keys import RunKeys
 from etcd_rdzv.native import Admission, AsyncNativeRendezvous, NativeSettings, NodeId
-from etcd_rdzv.testing import EtcdServer
+from etcd_rdzv.testing import EtcdCluster, EtcdServer
 
 FAST = {"keep_alive_interval": 0.5, "last_call_timeout": 0.5, "join_timeout": 30}
 
@@ -414,5 +414,24 @@ async def test_an_etcd_outage_longer_than_the_lease_ttl_stops_nothing(tmp_path: 
             await until_someone_waits(members[0], 20)
             admissions = await join_all(members) + [await asyncio.wait_for(joining, 20)]
             assert {a.world_size for a in admissions} == {3}
+        finally:
+            await made.close()
+
+
+@pytest.mark.slow
+async def test_the_leader_killed_while_16_nodes_join_ranks_each_once() -> None:
+    with EtcdCluster(3) as cluster:
+        config = cluster.client_config(read_timeout=30, request_timeout=2)
+        made = Nodes(config, RunKeys("leader-kill"))
+        try:
+            group = [made.add(None, min_nodes=16, max_nodes=16, join_timeout=60)
+                     for _ in range(16)]
+            first = [asyncio.create_task(node.next_rendezvous()) for node in group[:8]]
+            await asyncio.sleep(0.3)  # the first half is joining, or has joined
+            cluster.kill(cluster.leader_index())
+            rest = [asyncio.create_task(node.next_rendezvous()) for node in group[8:]]
+            admissions = await asyncio.wait_for(asyncio.gather(*first, *rest), 60)
+            assert sorted(a.rank for a in admissions) == list(range(16))
+            assert {(a.world_size, a.round) for a in admissions} == {(16, 1)}
         finally:
             await made.close()

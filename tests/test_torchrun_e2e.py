@@ -38,6 +38,7 @@ from etcd_rdzv.keys import RunKeys
 from etcd_rdzv.testing import EtcdServer, find_etcd_binary
 from examples.torchrun_demo import (
     LOCAL_ADDR,
+    DemoError,
     TorchrunNode,
     WorkerLine,
     describe,
@@ -319,7 +320,63 @@ def test_finished_run_is_closed_and_expires(etcd_server: EtcdServer, key_prefix:
             backend.close()
 
 
-# 4. Every option through --rdzv-conf.
+# 4. An etcd outage longer than read_timeout and the heartbeat timeout.
+
+#: Why torch's handler cannot admit a node after such an outage (docs/native.md).
+TORCH_PURGES_AFTER_OUTAGE = (
+    "torch's handler keeps each node's heartbeat as a timestamp in its one state; after an "
+    "outage longer than keep_alive_interval * keep_alive_max_attempt its _sanitize finds "
+    "every heartbeat stale and removes every participant, so the new node never joins the "
+    "training world (handler=native keeps heartbeats on leases, which etcd extends)")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("handler", [
+    "native",
+    pytest.param("torch", marks=pytest.mark.xfail(reason=TORCH_PURGES_AFTER_OUTAGE,
+                                                   raises=DemoError, strict=True)),
+])
+def test_training_survives_an_etcd_outage_and_admits_a_node_after(handler: str) -> None:
+    outage = 15.0  # longer than read_timeout (10 s) and the heartbeat timeout (1 s x 3)
+    with EtcdServer() as server:
+        command = torchrun_command(
+            server.get_endpoint(), _run_id(), nnodes="2:3", nproc_per_node=NPROC,
+            max_restarts=3,
+            rdzv_conf={"handler": handler, "read_timeout": 10, "keep_alive_interval": 1,
+                       "keep_alive_max_attempt": 3, "last_call_timeout": 2,
+                       "join_timeout": 120},
+            # Train through the outage; in a world below 3 nodes, wait for the newcomer.
+            script_args=["--steps", "100", "--sleep", "0.2", "--min-world", str(3 * NPROC),
+                         "--min-world-timeout", "60"],
+        )
+        first, second = TorchrunNode("node-a", command), TorchrunNode("node-b", command)
+        with _nodes(first, second) as nodes:
+            wait_for(lambda: all(len([line for line in node.worker_lines("STARTED")
+                                      if line.world == 2 * NPROC]) == NPROC
+                                 for node in nodes),
+                     NODE_TIMEOUT, "both nodes to train in a world of 4", nodes,
+                     must_run=nodes)
+            server.kill(0)
+            time.sleep(outage)
+            # The agents neither failed nor stopped their workers while etcd was away.
+            assert all(node.running for node in nodes), describe(nodes)
+            assert all(line.restart == 0 for node in nodes
+                       for line in node.worker_lines("STARTED")), describe(nodes)
+            server.restart(0)
+            back = time.monotonic()
+            with _nodes(TorchrunNode("node-c", command)) as late:
+                everyone = nodes + late
+                wait_for(lambda: sum(1 for node in everyone for line in
+                                     node.worker_lines("STARTED")
+                                     if line.world == 3 * NPROC and line.at >= back)
+                         == 3 * NPROC, 90.0, "all three nodes to train in a world of 6",
+                         everyone)
+                _finish(everyone)
+                results = _results(everyone)
+                assert [line.rank for line in results] == list(range(3 * NPROC))
+
+
+# 5. Every option through --rdzv-conf.
 
 _PASSWORD = "s3cret-e2e"
 #: torch's DynamicRendezvousHandler options (dynamic_rendezvous.create_handler).

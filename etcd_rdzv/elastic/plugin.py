@@ -101,7 +101,8 @@ def create_handler(params: RendezvousParameters) -> RendezvousHandler:
     """The rendezvous handler ``params.config["handler"]`` names, over etcd.
 
     ``handler=torch`` (the default): torch's ``DynamicRendezvousHandler`` over the etcd-v3
-    backend and store. ``handler=native``:
+    backend and store, whose ``num_nodes_waiting()`` survives an etcd outage
+    (:mod:`~etcd_rdzv.elastic.torch_handler`). ``handler=native``:
     :class:`~etcd_rdzv.elastic.handler.NativeRendezvousHandler`, the native protocol of
     :mod:`etcd_rdzv.native`.
 
@@ -121,13 +122,9 @@ def create_handler(params: RendezvousParameters) -> RendezvousHandler:
         return _create_native_handler(config, params)
     backend, store = _create_backend(config)
     try:
-        if config.wait == "watch":
-            from .fast_handler import create_fast_handler
+        from .torch_handler import create_torch_handler
 
-            return create_fast_handler(store, backend, params)
-        from torch.distributed.elastic.rendezvous import dynamic_rendezvous
-
-        return dynamic_rendezvous.create_handler(store, backend, params)
+        return create_torch_handler(store, backend, params, watch=config.wait == "watch")
     except BaseException:
         # torch refused a handler option: nothing will use the connection just opened.
         with contextlib.suppress(Exception):
