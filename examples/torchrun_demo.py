@@ -493,7 +493,9 @@ def run_demo(
     try:
         say(f"run {run_id!r}: 2 torchrun nodes x {nproc_per_node} workers, "
             f"--nnodes=1:2 --max-restarts=3 --rdzv-backend=etcd-v3 --rdzv-endpoint={endpoint}")
-        say("  " + " ".join(command[len(torchrun_executable()):]))
+        # Paths relative to the project, so the output reads the same on every machine.
+        say("  " + " ".join(command[len(torchrun_executable()):])
+            .replace(str(TRAIN_SCRIPT), str(TRAIN_SCRIPT.relative_to(TRAIN_SCRIPT.parents[1]))))
         node_a.start()
         node_b.start()
         event(f"started node-a (pid {node_a.pid}) and node-b (pid {node_b.pid})")
