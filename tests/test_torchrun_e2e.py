@@ -403,12 +403,18 @@ def auth_etcd() -> Iterator[EtcdServer]:
         server.stop()
 
 
+@pytest.fixture
+def password_file(tmp_path: Path) -> Path:
+    """The root password of :func:`auth_etcd`, in a file for ``password_file``."""
+    path = tmp_path / "password"
+    path.write_text(_PASSWORD + "\n")
+    return path
+
+
 @pytest.mark.timeout(240)
-def test_every_option_passes_through_rdzv_conf(auth_etcd: EtcdServer, tmp_path: Path,
+def test_every_option_passes_through_rdzv_conf(auth_etcd: EtcdServer, password_file: Path,
                                                 key_prefix: str) -> None:
     endpoint = auth_etcd.get_endpoint()
-    password_file = tmp_path / "password"
-    password_file.write_text(_PASSWORD + "\n")
     run_id = _run_id()
     conf: dict[str, object] = {
         # torch's DynamicRendezvousHandler
@@ -457,11 +463,10 @@ def test_every_option_passes_through_rdzv_conf(auth_etcd: EtcdServer, tmp_path: 
 
 
 @pytest.mark.timeout(240)
-def test_every_native_option_passes_through_rdzv_conf(auth_etcd: EtcdServer, tmp_path: Path,
+def test_every_native_option_passes_through_rdzv_conf(auth_etcd: EtcdServer,
+                                                       password_file: Path,
                                                        key_prefix: str) -> None:
     endpoint = auth_etcd.get_endpoint()
-    password_file = tmp_path / "password"
-    password_file.write_text(_PASSWORD + "\n")
     run_id = _run_id()
     conf: dict[str, object] = {
         "join_timeout": 60, "last_call_timeout": 1, "close_timeout": 10,
