@@ -117,6 +117,8 @@ class RunInfo:
     wrote it): :class:`~etcd_rdzv.errors.NotATorchStateError`, not a corrupt state."""
     handler: Handler | None = None
     """``torch`` (the run has a state), ``native`` (native keys), None (store keys only)."""
+    native_keys: int = 0
+    """How many keys the run has under its native prefix."""
     native: NativeRunView | None = None
     """For a native run: its round, world size, closed or not, and how many nodes hold a
     lease (figures only: no ranks, no lease times)."""
@@ -146,6 +148,7 @@ class RunInfo:
             "world_size": state.world_size if state is not None else
             native.world_size if native is not None else None,
             "nodes_alive": native.nodes_alive if native is not None else None,
+            "native_keys": self.native_keys,
             "error": self.error,
             "not_a_torch_state": self.not_a_torch_state,
         }
@@ -703,6 +706,7 @@ class RendezvousAdmin:
                 error=error,
                 not_a_torch_state=foreign,
                 handler="torch" if kv is not None else "native" if native is not None else None,
+                native_keys=len(keys.native),
                 native=native if kv is None else None,
             ))
         return infos
