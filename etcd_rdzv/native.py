@@ -541,7 +541,8 @@ class AsyncNativeRendezvous:
             await asyncio.sleep(settings.keep_alive_interval)
             deadline = Deadline.after(settings.heartbeat_timeout)
             try:
-                if await self._client.keep_alive(self._node_lease, deadline) <= 0:
+                if self._node_lease and \
+                        await self._client.keep_alive(self._node_lease, deadline) <= 0:
                     log.warning("The lease of node %s in run %r expired (etcd lost it, or the "
                                 "node missed %d keep-alives); it takes a new one when it next "
                                 "joins.", self._node, self._keys.run_id,
