@@ -53,6 +53,7 @@ from .errors import (
     RunNotFoundError,
     UnavailableError,
 )
+from .keys import RunKeys
 
 __all__ = [
     "EXIT_AUTH",
@@ -83,7 +84,7 @@ EXIT_CODES = {
     EXIT_ERROR: "an error: a state that cannot be decoded or is refused, etcd refusing a "
                 "request (out of space, ...), etcd exiting under `serve`",
     EXIT_USAGE: "usage: an unknown command or flag, or an invalid value (the message names it)",
-    EXIT_NOT_FOUND: "the run has no state (status, close, delete)",
+    EXIT_NOT_FOUND: "the run has no state and no native keys (status, close, delete)",
     EXIT_UNREACHABLE: "etcd did not answer within --timeout, or TLS is misconfigured",
     EXIT_AUTH: "etcd refused the credentials, or the user may not access the key prefix",
     EXIT_NOT_TORCH_STATE: "the run's state key holds something that is not a torch "
@@ -248,7 +249,8 @@ def _build_parser() -> _Parser:
     parser = _Parser(
         prog="etcd-rdzv",
         description=textwrap.fill("Inspect and manage torch rendezvous runs kept in etcd by "
-                                  "the etcd-v3 backend, or serve a local development etcd.", 88),
+                                  "the etcd-v3 backend (handler=torch or handler=native), or "
+                                  "serve a local development etcd.", 88),
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -285,44 +287,52 @@ def _build_parser() -> _Parser:
                             "no TLS")
 
     status = command("status", "show a run's state",
-                     "Show a run's rendezvous state: round, whether it is complete or closed, "
-                     "and each node with its role, rank and last heartbeat.")
+                     "Show a run's rendezvous: round, whether it is complete or closed, and "
+                     "each node with its role and rank; for handler=torch, each node's last "
+                     "heartbeat; for handler=native, when each node joined, when the round "
+                     "was sealed, and each node's lease time left.")
     status.add_argument("run_id", metavar="RUN_ID", help="the run id (--rdzv-id)")
     status.add_argument("--json", action="store_true", help="print JSON")
 
     listing = command("list", "list the runs under the key prefix",
-                      "List every run under the key prefix with its round, state, nodes, "
-                      "revision, size, store keys, the least time since its last write (by "
-                      "etcd's lease clock, exact to within one lease window, ttl/10) and the "
-                      "time left before its keys expire.")
+                      "List every run under the key prefix with its handler, round, state, "
+                      "world size, nodes alive (handler=native), revision, size, store keys, "
+                      "the least time since its last write (by etcd's lease clock, exact to "
+                      "within one lease window, ttl/10; 0 for a native run while any node "
+                      "holds its lease) and the time left before its keys expire.")
     listing.add_argument("--json", action="store_true", help="print JSON")
 
     watch = command("watch", "follow a run's state until Ctrl-C",
-                    "Print the run's state, then one line per change, until Ctrl-C. The watch "
-                    "resumes by itself after etcd failures.")
+                    "Print the run's state, then one line per change, until Ctrl-C: each write "
+                    "of the state (handler=torch); each join, leave, seal, waiting marker "
+                    "and close (handler=native). The watch resumes by itself after etcd "
+                    "failures.")
     watch.add_argument("run_id", metavar="RUN_ID", help="the run id (--rdzv-id)")
     watch.add_argument("--json", action="store_true", help="print one JSON object per change")
 
     close = command("close", "close a run (as torch's set_closed does)",
-                    "Mark the run's rendezvous closed, as torch's handler set_closed() does "
-                    "when a job ends: agents see it on their next read of the state; a node "
-                    "that joins or re-joins gets RendezvousClosedError instead of waiting for "
-                    "a new round. Running workers are not interrupted.")
+                    "Mark the run's rendezvous closed, as the handler's set_closed() does "
+                    "when a job ends: agents see it on their next read of the state (at once "
+                    "under handler=native); a node that joins or re-joins gets "
+                    "RendezvousClosedError instead of waiting for a new round. Running workers "
+                    "are not interrupted.")
     close.add_argument("run_id", metavar="RUN_ID", help="the run id (--rdzv-id)")
     close.add_argument("--ttl", metavar="SECONDS",
-                       help=f"how long the closed state outlives this write (ttl); default "
+                       help=f"how long the closed state outlives this write (ttl; under "
+                            f"handler=native, the run lease's if the run has none); default "
                             f"{DEFAULT_TTL}")
 
-    delete = command("delete", "delete a run's state and store keys",
-                     "Delete the run's state and its store keys, in one transaction. Agents "
-                     "still running would start a new rendezvous; close the run first.")
+    delete = command("delete", "delete a run's keys",
+                     "Delete every key of the run (its state or native keys, and its store "
+                     "keys), in one transaction. Agents still running would start a new "
+                     "rendezvous; close the run first.")
     delete.add_argument("run_id", metavar="RUN_ID", help="the run id (--rdzv-id)")
 
     cleanup = command("cleanup", "delete runs idle for a while",
                       "Delete every run whose last write (state or store) is older than "
                       "--older-than, measured by etcd's lease clock. A run written to after "
-                      "the listing is kept. Runs of unknown age (keys without a lease) are "
-                      "never deleted.")
+                      "the listing is kept, and so is a native run while any node holds its "
+                      "lease. Runs of unknown age (keys without a lease) are never deleted.")
     cleanup.add_argument("--older-than", type=_duration_arg, default=DEFAULT_OLDER_THAN,
                          metavar="DURATION",
                          help=f"idle time, such as 30m, 2h or 1d (default {DEFAULT_OLDER_THAN})")
@@ -501,15 +511,19 @@ async def _status(args: argparse.Namespace, admin: Any, config: RendezvousConfig
     snapshot = await admin.snapshot(args.run_id)
     key = admin.state_key(args.run_id).decode()
     if snapshot.state is None:
-        raise RunNotFoundError(f"No rendezvous state for run {args.run_id!r} under "
-                               f"{config.key_prefix!r} (key {key!r}).")
+        native = await admin.native_status(args.run_id)
+        if native is None:
+            raise RunNotFoundError(f"No rendezvous state and no native keys for run "
+                                   f"{args.run_id!r} under {config.key_prefix!r} (key "
+                                   f"{key!r}).")
+        return _native_status(args, native, config)
     state = snapshot.state
     now = datetime.datetime.now(datetime.timezone.utc)
     if args.json:
         _print(json.dumps({
-            "run_id": args.run_id, "key": key, "revision": snapshot.revision,
-            "stored_bytes": snapshot.stored_bytes, "lease": snapshot.lease,
-            "state": state.to_dict(now),
+            "run_id": args.run_id, "handler": "torch", "key": key,
+            "revision": snapshot.revision, "stored_bytes": snapshot.stored_bytes,
+            "lease": snapshot.lease, "state": state.to_dict(now),
         }, indent=2))
         return EXIT_OK
     deadline = "none"
@@ -519,6 +533,7 @@ async def _status(args: argparse.Namespace, admin: Any, config: RendezvousConfig
             f"in {_human_seconds(left)})" if left >= 0 else f"{_human_seconds(-left)} ago)")
     _print(_pairs([
         ("run", args.run_id),
+        ("handler", "torch"),
         ("key", f"{key} (revision {snapshot.revision}, {_human_bytes(snapshot.stored_bytes)} "
                 "stored)"),
         ("round", state.round),
@@ -540,6 +555,89 @@ async def _status(args: argparse.Namespace, admin: Any, config: RendezvousConfig
     return EXIT_OK
 
 
+def _clock(unix_time: float, *, date: bool = False) -> str:
+    """A node's time stamp in local time, to the millisecond; with the date when asked or
+    when it is not today."""
+    moment = datetime.datetime.fromtimestamp(unix_time)
+    if date or moment.date() != datetime.date.today():
+        return moment.isoformat(sep=" ", timespec="milliseconds")
+    return moment.time().isoformat(timespec="milliseconds")
+
+
+def _native_nodes(view: Any) -> str:
+    """A native run's nodes in words: members, waiting, standbys, and the rarer roles when
+    there are any."""
+    counts = view.counts
+    words = [_count(counts["member"], "member"), f"{counts['waiting']} waiting",
+             _count(counts["standby"], "standby")]
+    words += [f"{counts[role]} {role}" for role in ("gone", "joining", "late", "stale")
+              if counts[role]]
+    return ", ".join(words)
+
+
+def _native_round(view: Any) -> str:
+    seal = view.seal
+    if seal is None:
+        return "none sealed yet"
+    ago = time.time() - seal.sealed_at
+    text = (f"{seal.round} ({_count(seal.size, 'node')}), sealed "
+            f"{_clock(seal.sealed_at, date=True)} ({_human_seconds(max(0.0, ago))} ago) by "
+            f"{seal.sealer}")
+    if view.round_seconds is not None:
+        text += f", {_round_took(view.round_seconds)} after its first node joined"
+    return text
+
+
+def _round_took(seconds: float) -> str:
+    """A round's duration: to the millisecond, as rounds often take less than a second."""
+    return f"{max(0.0, seconds):.3f} s" if seconds < 10 else _human_seconds(seconds)
+
+
+def _lease_left(seconds: int) -> str:
+    """etcd's whole seconds left on a lease."""
+    return f"{seconds} s" if seconds < 120 else _human_seconds(seconds)
+
+
+def _native_state(view: Any) -> str:
+    if view.closed and view.closed_by:
+        return f"closed (by {view.closed_by})"
+    return str(view.state)
+
+
+def _native_status(args: argparse.Namespace, view: Any, config: RendezvousConfig) -> int:
+    prefix = RunKeys(args.run_id, config.key_prefix).native_prefix.decode()
+    if args.json:
+        _print(json.dumps({"run_id": args.run_id, "handler": "native", "key": prefix,
+                           "revision": view.revision, "native": view.to_dict()}, indent=2))
+        return EXIT_OK
+    lease = "none" if not view.run_lease else (
+        f"{view.run_lease:x}, "
+        + ("gone" if view.run_lease_ttl_left is None else
+           f"{_lease_left(view.run_lease_ttl_left)} left")
+        + " (renewed by the nodes; the run's keys expire ttl after the last node left)")
+    _print(_pairs([
+        ("run", args.run_id),
+        ("handler", "native"),
+        ("keys", f"{prefix} (revision {view.revision})"),
+        ("round", _native_round(view)),
+        ("state", _native_state(view)),
+        ("nodes", _native_nodes(view)),
+        ("run lease", lease),
+    ]))
+    rows = [(node.node, node.role, node.round, "-" if node.rank is None else node.rank,
+             "-" if node.joined_at is None else _clock(node.joined_at),
+             "-" if node.lease_ttl_left is None else _lease_left(node.lease_ttl_left))
+            for node in view.nodes]
+    if rows:
+        _print()
+        _print(_table(("NODE", "ROLE", "ROUND", "RANK", "JOINED", "LEASE LEFT"), rows,
+                      right=(2, 3, 5)))
+    if not view.ranks_known:
+        _print(f"etcd-rdzv: the roster of round {view.round} is no longer in etcd's history "
+               "(compacted) and members left since: ranks unknown.", file=sys.stderr)
+    return EXIT_OK
+
+
 async def _list(args: argparse.Namespace, admin: Any, config: RendezvousConfig) -> int:
     runs = await admin.list_runs()
     if args.json:
@@ -550,26 +648,33 @@ async def _list(args: argparse.Namespace, admin: Any, config: RendezvousConfig) 
         return EXIT_OK
     rows = []
     for run in runs:
-        state = run.state
+        state, native = run.state, run.native
         if state is not None:
-            word = _state_word(state)
-        elif run.error:
-            word = "not torch" if run.not_a_torch_state else "unreadable"
+            word, round_, world, alive = \
+                _state_word(state), state.round, state.world_size, "-"
+        elif native is not None:
+            word, world, alive = native.state, native.world_size, native.nodes_alive
+            round_ = "-" if native.round is None else native.round
         else:
-            word = "no state"
+            word = ("not torch" if run.not_a_torch_state else "unreadable") if run.error \
+                else "no state"
+            round_, world, alive = "-", "-", "-"
         rows.append((
             run.run_id,
-            state.round if state is not None else "-",
+            run.handler or "-",
+            round_,
             word,
-            state.world_size if state is not None else "-",
+            world,
+            alive,
             run.revision if run.revision is not None else "-",
             _human_bytes(run.state_bytes) if run.revision is not None else "-",
             run.store_keys,
             "?" if run.idle_seconds is None else _human_seconds(run.idle_seconds),
             "?" if run.ttl_left is None else _human_seconds(run.ttl_left),
         ))
-    _print(_table(("RUN", "ROUND", "STATE", "NODES", "REVISION", "SIZE", "STORE KEYS",
-                   "IDLE AT LEAST", "EXPIRES IN"), rows, right=(1, 3, 4, 5, 6, 7, 8)))
+    _print(_table(("RUN", "HANDLER", "ROUND", "STATE", "NODES", "ALIVE", "REVISION", "SIZE",
+                   "STORE KEYS", "IDLE AT LEAST", "EXPIRES IN"), rows,
+                  right=(2, 4, 5, 6, 7, 8, 9, 10)))
     for run in runs:
         if run.error:
             _print(f"etcd-rdzv: run {run.run_id!r}: {run.error}", file=sys.stderr)
@@ -589,16 +694,50 @@ def _watch_line(snapshot: Any) -> str:
             f"{len(state.wait_list)} waiting, {len(state.redundancy_list)} redundant")
 
 
+def _native_change(event: Any) -> str:
+    """What a native event says happened, in words."""
+    view = event.view
+    if event.change == "status":
+        return ""
+    if event.change in ("joined", "left"):
+        return f"{event.node} {event.change} round {event.round}"
+    if event.change == "sealed":
+        text = f"round {event.round} sealed with {_count(view.world_size, 'node')}"
+        if view.seal is not None and view.seal.round == event.round:
+            text += f" by {view.seal.sealer}"
+            if view.round_seconds is not None:
+                text += f", {_round_took(view.round_seconds)} after its first join"
+        return text
+    if event.change == "waiting":
+        return f"nodes wait for round {event.round}: the members restart to admit them"
+    if event.change == "closed":
+        return f"closed by {view.closed_by}"
+    return "the closed key went away"
+
+
+def _native_watch_line(event: Any) -> str:
+    stamp = datetime.datetime.now().strftime("%H:%M:%S")
+    view = event.view
+    round_ = "-" if view.round is None else view.round
+    change = _native_change(event)
+    return (f"{stamp}  revision {event.revision}  round {round_}  {view.state}  "
+            f"{_native_nodes(view)}" + (f"  ({change})" if change else ""))
+
+
 async def _watch(args: argparse.Namespace, admin: Any, config: RendezvousConfig) -> int:
-    async with aclosing(admin.watch_state(args.run_id)) as snapshots:
-        async for snapshot in snapshots:
+    from .admin import NativeEvent
+
+    async with aclosing(admin.watch_run(args.run_id)) as changes:
+        async for change in changes:
+            native = isinstance(change, NativeEvent)
             if args.json:
-                _print(json.dumps({
-                    "run_id": args.run_id, "revision": snapshot.revision,
-                    "state": None if snapshot.state is None else snapshot.state.to_dict(),
+                _print(json.dumps(change.to_dict() if native else {
+                    "run_id": args.run_id, "revision": change.revision,
+                    "handler": None if change.state is None else "torch",
+                    "state": None if change.state is None else change.state.to_dict(),
                 }))
             else:
-                _print(_watch_line(snapshot))
+                _print(_native_watch_line(change) if native else _watch_line(change))
     return EXIT_OK
 
 
@@ -635,7 +774,7 @@ async def _cleanup(args: argparse.Namespace, admin: Any, config: RendezvousConfi
         _print(f"Would delete {len(stale)} of {_count(len(runs), 'run')} (idle for {limit} "
                f"or more{note}):")
         for run in stale:
-            keys = int(run.revision is not None) + run.store_keys
+            keys = int(run.revision is not None) + run.store_keys + run.native_keys
             _print(f"  {run.run_id}  ({_count(keys, 'key')}, idle "
                    f"{_human_seconds(run.idle_seconds)})")
         return EXIT_OK

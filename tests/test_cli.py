@@ -17,12 +17,13 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import pytest
+import pytest_asyncio
 
 import etcd_rdzv
 from etcd_rdzv import (
@@ -31,6 +32,8 @@ from etcd_rdzv import (
     Deadline,
     EtcdClient,
     EtcdConfig,
+    RendezvousAdmin,
+    RunClosedError,
 )
 from etcd_rdzv.cli import (
     EXIT_AUTH,
@@ -46,8 +49,12 @@ from etcd_rdzv.cli import (
 )
 from etcd_rdzv.config import parse_endpoints
 from etcd_rdzv.keys import RunKeys
+from etcd_rdzv.native import NodeId
 from etcd_rdzv.testing import EtcdServer, TlsCertificates, free_port, make_certificates
 from etcd_rdzv.testing.states import torch_state
+
+from .test_admin_native import status_when
+from .test_native import Nodes, join_all
 
 COMMANDS = ["serve", "status", "list", "watch", "close", "delete", "cleanup"]
 #: The variables the command reads; a test sets them explicitly or not at all.
@@ -183,6 +190,7 @@ def test_status_prints_a_readable_table(cli: Cli) -> None:
     result = cli("status", run)
     assert (result.code, result.err) == (EXIT_OK, "")
     out = result.out
+    assert re.search(r"^handler\s+torch$", out, re.M)
     assert re.search(r"^round\s+7$", out, re.M)
     assert re.search(r"^state\s+complete$", out, re.M)
     assert re.search(r"^nodes\s+3 participants, 0 waiting, 0 redundant$", out, re.M)
@@ -200,6 +208,7 @@ def test_status_json(cli: Cli) -> None:
     assert result.code == EXIT_OK
     data = json.loads(result.out)
     assert data["run_id"] == run and data["key"] == f"{cli.key_prefix}/{run}"
+    assert data["handler"] == "torch"
     assert data["state"]["world_size"] == 2 and data["state"]["closed"] is False
     assert [node["rank"] for node in data["state"]["nodes"]] == [0, 1]
 
@@ -208,7 +217,7 @@ def test_status_of_a_missing_run_exits_3(cli: Cli) -> None:
     result = cli("status", "nope")
     assert result.out == ""
     assert result.failed_with(EXIT_NOT_FOUND).startswith(
-        "etcd-rdzv: No rendezvous state for run 'nope'")
+        "etcd-rdzv: No rendezvous state and no native keys for run 'nope'")
 
 
 def test_list(cli: Cli) -> None:
@@ -219,11 +228,11 @@ def test_list(cli: Cli) -> None:
     result = cli("list")
     lines = result.out.splitlines()
     assert result.code == EXIT_OK
-    assert re.split(r"\s{2,}", lines[0]) == ["RUN", "ROUND", "STATE", "NODES", "REVISION",
-                                             "SIZE", "STORE KEYS", "IDLE AT LEAST",
-                                             "EXPIRES IN"]
-    assert lines[1].split()[:4] == ["first", "7", "complete", "2"]
-    assert lines[2].split()[:4] == ["second", "7", "complete", "1"]
+    assert re.split(r"\s{2,}", lines[0]) == ["RUN", "HANDLER", "ROUND", "STATE", "NODES",
+                                             "ALIVE", "REVISION", "SIZE", "STORE KEYS",
+                                             "IDLE AT LEAST", "EXPIRES IN"]
+    assert lines[1].split()[:6] == ["first", "torch", "7", "complete", "2", "-"]
+    assert lines[2].split()[:6] == ["second", "torch", "7", "complete", "1", "-"]
     result = cli("list", "--json")
     assert [(run["run_id"], run["store_keys"]) for run in json.loads(result.out)] == \
         [("first", 2), ("second", 0)]
@@ -239,7 +248,8 @@ def test_a_state_another_program_wrote_is_not_a_torch_state(cli: Cli) -> None:
 
     result = cli("list")
     assert result.code == EXIT_OK
-    assert re.search(r"^hello\s+-\s+not torch\s+-\s+\d+\s+19 B\s", result.out, re.M)
+    assert re.search(r"^hello\s+torch\s+-\s+not torch\s+-\s+-\s+\d+\s+19 B\s", result.out,
+                     re.M)
     assert "not a torch rendezvous state" in result.err
     [run] = json.loads(cli("list", "--json").out)
     assert run["not_a_torch_state"] is True and run["world_size"] is None
@@ -256,7 +266,7 @@ def test_a_corrupt_state_is_called_corrupt(cli: Cli) -> None:
     message = cli("status", "broken").failed_with(EXIT_ERROR)
     assert "is corrupt" in message and "not a torch" not in message
     result = cli("list")
-    assert re.search(r"^broken\s+-\s+unreadable\s", result.out, re.M)
+    assert re.search(r"^broken\s+torch\s+-\s+unreadable\s", result.out, re.M)
     assert not json.loads(cli("list", "--json").out)[0]["not_a_torch_state"]
 
 
@@ -309,6 +319,144 @@ def test_as_a_module(etcd_server: EtcdServer, key_prefix: str) -> None:
         capture_output=True, text=True, timeout=60, env=cli_env())
     assert result.returncode == EXIT_OK, result.stderr
     assert "2 participants" in result.stdout
+
+
+# --- native runs (handler=native) ---------------------------------------------------------------
+
+@pytest_asyncio.fixture
+async def native_nodes(etcd_config: EtcdConfig, key_prefix: str) -> AsyncIterator[Nodes]:
+    """Native nodes of a fresh run under the test's key prefix, all left at the end."""
+    made = Nodes(etcd_config, RunKeys(run_id(), key_prefix))
+    yield made
+    await made.close()
+
+
+async def test_status_of_a_native_run(cli: Cli, native_nodes: Nodes,
+                                      etcd_client: EtcdClient) -> None:
+    run_ = native_nodes.keys.run_id
+    members = [native_nodes.add(NodeId("m", 1, rank), min_nodes=2, max_nodes=2)
+               for rank in range(2)]
+    await join_all(members)
+    standby = native_nodes.add(NodeId("s", 1, 0), min_nodes=2, max_nodes=2)
+    joining = asyncio.create_task(standby.next_rendezvous())
+    await status_when(RendezvousAdmin(etcd_client, cli.key_prefix), run_,
+                      {"m_1_0": "member", "m_1_1": "member", "s_1_0": "standby"})
+
+    result = await asyncio.to_thread(cli, "status", run_)
+    assert (result.code, result.err) == (EXIT_OK, "")
+    out = result.out
+    assert re.search(r"^handler\s+native$", out, re.M)
+    assert re.search(rf"^keys\s+{re.escape(cli.key_prefix)}/{run_}/native/ \(revision \d+\)$",
+                     out, re.M)
+    assert re.search(r"^round\s+1 \(2 nodes\), sealed \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} "
+                     r"\([\d.]+ s ago\) by m_1_[01], \d+\.\d{3} s after its first node joined$",
+                     out, re.M)
+    assert re.search(r"^state\s+complete$", out, re.M)
+    assert re.search(r"^nodes\s+2 members, 0 waiting, 1 standby$", out, re.M)
+    assert re.search(r"^run lease\s+[0-9a-f]+, \d+ min left \(renewed by the nodes", out, re.M)
+    assert re.search(r"^NODE\s+ROLE\s+ROUND\s+RANK\s+JOINED\s+LEASE LEFT$", out, re.M)
+    joined = r"\d\d:\d\d:\d\d\.\d{3}"
+    for rank in range(2):
+        assert re.search(rf"^m_1_{rank}\s+member\s+1\s+{rank}\s+{joined}\s+\d+ s$", out, re.M)
+    assert re.search(rf"^s_1_0\s+standby\s+2\s+-\s+{joined}\s+\d+ s$", out, re.M)
+
+    result = await asyncio.to_thread(cli, "status", run_, "--json")
+    data = json.loads(result.out)
+    assert (data["handler"], data["key"]) == ("native", f"{cli.key_prefix}/{run_}/native/")
+    native = data["native"]
+    assert (native["round"], native["world_size"], native["state"]) == (1, 2, "complete")
+    assert [(node["node"], node["role"], node["rank"]) for node in native["nodes"]] == \
+        [("m_1_0", "member", 0), ("m_1_1", "member", 1), ("s_1_0", "standby", None)]
+    assert all(node["joined_at"] <= native["sealed_at"] for node in native["nodes"][:2])
+    joining.cancel()
+
+
+async def test_list_and_cleanup_native_runs(cli: Cli, etcd_config: EtcdConfig) -> None:
+    """A native run is not idle while a node holds its lease, though a training job writes
+    nothing; once its last node left, cleanup deletes it like any idle run."""
+    # The run lease lives ttl s and the nodes renew it every ttl/10 s: with ttl=10, a run
+    # whose nodes left is idle for 1 s at least after 3 s, and its keys live 10 s.
+    live = Nodes(etcd_config, RunKeys("live", cli.key_prefix))
+    dead = Nodes(etcd_config, RunKeys("dead", cli.key_prefix))
+    try:
+        await join_all([live.add(min_nodes=2, max_nodes=2, ttl=10) for _ in range(2)])
+        await join_all([dead.add(min_nodes=1, max_nodes=1, ttl=10)])
+        await dead.close()
+
+        result = await asyncio.to_thread(cli, "list")
+        assert result.code == EXIT_OK
+        rows = {line.split()[0]: line.split() for line in result.out.splitlines()[1:]}
+        assert rows["live"][:9] == ["live", "native", "1", "complete", "2", "2", "-", "-", "0"]
+        idle, _, expires, unit = rows["live"][9:]
+        assert idle == "0.0" and 0 < float(expires) <= 10 and unit == "s"
+        assert rows["dead"][:6] == ["dead", "native", "1", "no", "nodes", "1"]
+        listed = {run["run_id"]: run for run in json.loads(
+            (await asyncio.to_thread(cli, "list", "--json")).out)}
+        assert (listed["live"]["handler"], listed["live"]["nodes_alive"]) == ("native", 2)
+        assert (listed["dead"]["nodes_alive"], listed["dead"]["world_size"]) == (0, 1)
+
+        await asyncio.sleep(4)
+        result = await asyncio.to_thread(cli, "cleanup", "--older-than", "1s")
+        assert result.code == EXIT_OK
+        assert re.search(r"^\[1/1\] deleted dead \(\d+ keys, idle [\d.]+ s\)$", result.out,
+                         re.M), result.out
+        listing = (await asyncio.to_thread(cli, "list")).out
+        assert [line.split()[0] for line in listing.splitlines()[1:]] == ["live"]
+    finally:
+        await live.close()
+        await dead.close()
+
+
+async def test_close_a_native_run(cli: Cli, native_nodes: Nodes) -> None:
+    run_ = native_nodes.keys.run_id
+    member = native_nodes.add(min_nodes=1, max_nodes=1)
+    await member.next_rendezvous()
+    waiting = native_nodes.add(min_nodes=2, max_nodes=2)
+    joining = asyncio.create_task(waiting.next_rendezvous())
+
+    result = await asyncio.to_thread(cli, "close", run_)
+    assert result.code == EXIT_OK and result.out.startswith(f"Closed run {run_!r}")
+    with pytest.raises(RunClosedError):
+        await asyncio.wait_for(joining, 10)
+    assert await member.is_closed()
+    result = await asyncio.to_thread(cli, "close", run_)
+    assert result.code == EXIT_OK and "already closed" in result.out
+    status = await asyncio.to_thread(cli, "status", run_)
+    assert re.search(r"^state\s+closed \(by operator\)$", status.out, re.M)
+
+
+async def test_watch_a_native_run(cli: Cli, native_nodes: Nodes,
+                                  processes: list[subprocess.Popen[str]]) -> None:
+    run_ = native_nodes.keys.run_id
+    process = start("watch", run_, "--endpoints", cli.endpoint, "--key-prefix", cli.key_prefix)
+    processes.append(process)
+    lines = Lines(process, process.stdout)
+
+    def line() -> Awaitable[str]:
+        return asyncio.to_thread(lines.next)
+
+    stamp = r"^\d\d:\d\d:\d\d  revision \d+  "
+    assert re.match(stamp + r"no state \(not created yet, or deleted\)$", await line())
+    first = native_nodes.add(NodeId("a", 1, 0), min_nodes=2, max_nodes=2)
+    first_joins = asyncio.create_task(first.next_rendezvous())
+    assert re.match(stamp + r"round -  joining  0 members, 0 waiting, 0 standbys, 1 joining$",
+                    await line())
+    second = native_nodes.add(NodeId("b", 1, 0), min_nodes=2, max_nodes=2)
+    await asyncio.gather(first_joins, second.next_rendezvous())
+    assert re.match(stamp + r"round -  joining  0 members, 0 waiting, 0 standbys, 2 joining  "
+                    r"\(b_1_0 joined round 1\)$", await line())
+    assert re.match(stamp + r"round 1  complete  2 members, 0 waiting, 0 standbys  \(round 1 "
+                    r"sealed with 2 nodes by [ab]_1_0, \d+\.\d{3} s after its first join\)$",
+                    await line())
+    await second.leave()
+    assert re.match(stamp + r"round 1  complete  1 member, 0 waiting, 0 standbys, 1 gone  "
+                    r"\(b_1_0 left round 1\)$", await line())
+    assert (await asyncio.to_thread(cli, "close", run_)).code == EXIT_OK
+    assert re.match(stamp + r"round 1  closed  1 member, 0 waiting, 0 standbys, 1 gone  "
+                    r"\(closed by operator\)$", await line())
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(process.wait, 30) == EXIT_OK
+    assert process.stderr is not None and process.stderr.read() == ""
 
 
 # --- usage, help, version ----------------------------------------------------------------------
