@@ -369,7 +369,7 @@ def test_training_survives_an_etcd_outage_and_admits_a_node_after(handler: str) 
                 wait_for(lambda: sum(1 for node in everyone for line in
                                      node.worker_lines("STARTED")
                                      if line.world == 3 * NPROC and line.at >= back)
-                         == 3 * NPROC, 90.0, "all three nodes to train in a world of 6",
+                         == 3 * NPROC, 60.0, "all three nodes to train in a world of 6",
                          everyone)
                 _finish(everyone)
                 results = _results(everyone)
