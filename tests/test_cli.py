@@ -459,6 +459,29 @@ async def test_watch_a_native_run(cli: Cli, native_nodes: Nodes,
     assert process.stderr is not None and process.stderr.read() == ""
 
 
+async def test_watch_a_native_run_as_json(cli: Cli, native_nodes: Nodes,
+                                          processes: list[subprocess.Popen[str]]) -> None:
+    run_ = native_nodes.keys.run_id
+    group = [native_nodes.add(NodeId("n", 1, index), min_nodes=2, max_nodes=2)
+             for index in range(2)]
+    await join_all(group)
+    process = start("watch", run_, "--json", "--endpoints", cli.endpoint, "--key-prefix",
+                    cli.key_prefix)
+    processes.append(process)
+    lines = Lines(process, process.stdout)
+    status = json.loads(await asyncio.to_thread(lines.next))
+    assert (status["run_id"], status["handler"], status["change"]) == (run_, "native", "status")
+    assert [(node["node"], node["rank"]) for node in status["native"]["nodes"]] == \
+        [("n_1_0", 0), ("n_1_1", 1)]
+    await group[0].leave()
+    left = json.loads(await asyncio.to_thread(lines.next))
+    assert (left["change"], left["round"], left["node"]) == ("left", 1, "n_1_0")
+    assert left["revision"] > status["revision"] and left["native"]["nodes"] is None
+    assert left["native"]["counts"]["gone"] == 1
+    process.send_signal(signal.SIGINT)
+    assert await asyncio.to_thread(process.wait, 30) == EXIT_OK
+
+
 # --- usage, help, version ----------------------------------------------------------------------
 
 @pytest.mark.parametrize(
