@@ -103,7 +103,9 @@ class RunInfo:
 
     A native run is not idle while any node holds its lease (0, though a training job
     writes nothing); after its last node left, this is the age of the run lease since a
-    node last renewed it, less the renewal period (``ttl/10``)."""
+    node last renewed it, less the renewal period (``ttl/10``; nodes whose
+    ``keep_alive_interval`` is longer renew it that often, and the figure may then
+    overstate by the difference)."""
     ttl_left: int | None
     """Seconds until the newest key's lease expires, taking the run's keys along with it
     (torch's writes renew it); for a native run, the run lease's (its nodes renew it).
