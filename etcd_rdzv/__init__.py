@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._connection import EtcdClient
-    from .admin import RendezvousAdmin, RunInfo, StateSnapshot
+    from .admin import (
+        NativeEvent,
+        NativeNodeView,
+        NativeRunView,
+        RendezvousAdmin,
+        RunInfo,
+        StateSnapshot,
+    )
     from .backend import AsyncEtcdRendezvousBackend
     from .codec import StateCodec
     from .config import Endpoint, EtcdConfig, RendezvousConfig
@@ -84,6 +91,9 @@ _WHERE = {
     "StoreTimeoutError": ".errors",
     "UnavailableError": ".errors",
     "RendezvousAdmin": ".admin",
+    "NativeEvent": ".admin",
+    "NativeNodeView": ".admin",
+    "NativeRunView": ".admin",
     "RunInfo": ".admin",
     "StateSnapshot": ".admin",
     "NodeDesc": ".state",
@@ -112,6 +122,9 @@ __all__ = [
     "HandlerMismatchError",
     "JoinTimeoutError",
     "LeaseNotFoundError",
+    "NativeEvent",
+    "NativeNodeView",
+    "NativeRunView",
     "NativeSettings",
     "NodeDesc",
     "NodeId",

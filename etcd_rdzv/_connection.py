@@ -166,6 +166,10 @@ def _map_grpc_error(exc: grpc.aio.AioRpcError, what: str, config: EtcdConfig,
                              "password_file.")
     if code == grpc.StatusCode.PERMISSION_DENIED or "permission denied" in details:
         return EtcdAuthError(_permission_denied(what, config, "read-write", details))
+    if "required revision has been compacted" in details:
+        # A read at a past revision, or a compaction to it, that etcd has compacted away.
+        return CompactedError(f"{what} failed: etcd has compacted that revision away "
+                              f"({details}).", 0)
     if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
         return LeaseNotFoundError(f"{what} failed: {details}.")
     if "database space exceeded" in details:
@@ -620,10 +624,8 @@ class EtcdClient:
             await self._unary(f"Compacting to revision {revision}", _COMPACT,
                               rpc.CompactionRequest(revision=revision, physical=False),
                               deadline, idempotent=True)
-        except EtcdConnectionError as exc:
-            if "required revision has been compacted" in str(exc):
-                return False
-            raise
+        except CompactedError:
+            return False
         return True
 
     async def status(self, deadline: Deadline) -> MemberStatus:

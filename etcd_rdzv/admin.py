@@ -47,7 +47,7 @@ from .errors import (
     UnavailableError,
 )
 from .keys import RunKeys, parse_run_key, runs_prefix
-from .native import NodeId, Seal, close_native_run
+from .native import RUN_LEASE_RENEWALS_PER_TTL, NodeId, Seal, close_native_run
 from .state import RendezvousStateView, decode_state, encode_closed
 
 __all__ = [
@@ -60,7 +60,6 @@ __all__ = [
     "NativeState",
     "RendezvousAdmin",
     "RunInfo",
-    "RunNotFoundError",
     "StateSnapshot",
 ]
 
@@ -70,9 +69,6 @@ log = logging.getLogger(__name__)
 _LEASE_CONCURRENCY = 16
 _WATCH_BACKOFF_INITIAL = 0.1
 _WATCH_BACKOFF_MAX = 2.0
-#: The nodes of a native run renew its run lease every ttl/10 s (or every
-#: keep_alive_interval, if longer): how stale the lease may be while a node still lives.
-_RUN_LEASE_RENEWALS_PER_TTL = 10
 
 @dataclass(frozen=True)
 class RunInfo:
@@ -376,9 +372,6 @@ def _joined_at(value: bytes) -> float | None:
         return None
 
 
-def _round_of(digits: bytes) -> int | None:
-    return int(digits) if digits.isdigit() else None
-
 
 class _NativeKeys:
     """The keys under one run's native prefix, parsed into what a status, a listing and a
@@ -390,7 +383,6 @@ class _NativeKeys:
 
     def __init__(self, keys: RunKeys) -> None:
         self._keys = keys
-        self._rounds_root = keys.round_prefix(0)[:-len(b"%010d/" % 0)]
         self.seals: dict[int, Seal] = {}
         self.waiting: set[int] = set()
         self.closed_by: str | None = None
@@ -425,36 +417,32 @@ class _NativeKeys:
               ) -> tuple[NativeChange, int | None, bytes | None] | None:
         """Mirror one key (``value`` None: deleted); the change a person would want told,
         as (what, round, node name), or None."""
-        keys = self._keys
-        if key == keys.closed:
+        parsed = self._keys.parse_native(key)
+        if parsed is None:
+            return None
+        if parsed.kind == "closed":
             was = self.closed
             self.closed_by = None if value is None else value.decode(errors="replace")
             if was != self.closed:
                 return ("closed" if self.closed else "reopened"), None, None
-        elif key == keys.run_lease:
+        elif parsed.kind == "run_lease":
             self.run_lease = lease if value is not None else 0
-        elif key.startswith(keys.seal_prefix):
-            return self._apply_seal(_round_of(key[len(keys.seal_prefix):]), value)
-        elif key.startswith(keys.waiting_prefix):
-            round_ = _round_of(key[len(keys.waiting_prefix):])
-            if round_ is not None and value is None:
-                self.waiting.discard(round_)
-            elif round_ is not None and round_ not in self.waiting:
-                self.waiting.add(round_)
-                return "waiting", round_, None
-        elif key.startswith(self._rounds_root):
-            digits, slash, name = key[len(self._rounds_root):].partition(b"/")
-            round_ = _round_of(digits)
-            if round_ is not None and slash and name:
-                return self._apply_join(key, _Join(round_, name, create_revision,
-                                                   _joined_at(value) if value else None, lease),
-                                        value is not None)
+        elif parsed.kind == "seal":
+            return self._apply_seal(parsed.round, value)
+        elif parsed.kind == "waiting":
+            if value is None:
+                self.waiting.discard(parsed.round)
+            elif parsed.round not in self.waiting:
+                self.waiting.add(parsed.round)
+                return "waiting", parsed.round, None
+        else:
+            return self._apply_join(key, _Join(parsed.round, parsed.node_name, create_revision,
+                                               _joined_at(value) if value else None, lease),
+                                    value is not None)
         return None
 
-    def _apply_seal(self, round_: int | None, value: bytes | None,
+    def _apply_seal(self, round_: int, value: bytes | None,
                     ) -> tuple[NativeChange, int | None, bytes | None] | None:
-        if round_ is None:
-            return None
         if value is None:
             self.seals.pop(round_, None)
             if round_ == self._roster_round:  # the latest went (expired): an older one shows
@@ -573,11 +561,6 @@ class _NativeKeys:
             nodes=nodes)
 
 
-def _is_compacted(exc: EtcdConnectionError) -> bool:
-    # etcd answers OUT_OF_RANGE for a read at a compacted revision; the client has no type
-    # for it (EtcdClient.compact tells it by the same text).
-    return "required revision has been compacted" in str(exc)
-
 
 class RendezvousAdmin:
     """List, inspect, watch, close and delete the rendezvous runs under one key prefix.
@@ -682,7 +665,7 @@ class RendezvousAdmin:
                 age = granted - left + (now - read_at)
                 if run_id in renewed:
                     # The last node left at most one renewal period after the last renewal.
-                    period = granted / _RUN_LEASE_RENEWALS_PER_TTL
+                    period = granted / RUN_LEASE_RENEWALS_PER_TTL
                 else:
                     # lease_window of the granted TTL bounds the window of the TTL it was
                     # granted for (ttl + window), so the figure never overstates.
@@ -800,9 +783,7 @@ class RendezvousAdmin:
                 key=prefix, range_end=utils.prefix_range_end(prefix), revision=seal.cutoff,
                 max_create_revision=seal.cutoff), self._deadline(),
                 f"Reading the roster of round {seal.round} of {keys.run_id!r}")
-        except EtcdConnectionError as exc:
-            if not _is_compacted(exc):
-                raise
+        except CompactedError as exc:
             log.info("the roster of round %d of %r: %s", seal.round, keys.run_id, exc)
             return
         native.set_roster(seal.round, [(bytes(kv.key)[len(prefix):], _joined_at(bytes(kv.value)))

@@ -101,11 +101,12 @@ class StateTooLargeError(EtcdStateError):
 
 
 class CompactedError(EtcdRendezvousError):
-    """A watch asked for history that etcd has compacted away; read the key instead."""
+    """A watch or a read asked for history that etcd has compacted away (read the key at the
+    current revision instead); or a compaction asked for a revision compacted already."""
 
     def __init__(self, message: str, compact_revision: int) -> None:
         super().__init__(message)
-        #: The oldest revision etcd still has.
+        #: The oldest revision etcd still has (0 when etcd did not say).
         self.compact_revision = compact_revision
 
 

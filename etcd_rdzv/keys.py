@@ -24,13 +24,24 @@ from typing import Literal
 
 from .config import DEFAULT_KEY_PREFIX, validate_key_prefix, validate_run_id
 
-__all__ = ["KeyKind", "RunKeys", "parse_run_key", "runs_prefix"]
+__all__ = ["KeyKind", "NativeKey", "RunKeys", "parse_run_key", "runs_prefix"]
 
 #: What a key of a run is: the torch handler's state, a store key, a native-protocol key.
 KeyKind = Literal["state", "store", "native"]
 
 _STORE = "store"
 _NATIVE = "native"
+
+
+@dataclass(frozen=True)
+class NativeKey:
+    """A native-protocol key, parsed (:meth:`RunKeys.parse_native`)."""
+
+    kind: Literal["run_lease", "closed", "seal", "waiting", "member"]
+    round: int = 0
+    """For ``seal``, ``waiting`` and ``member``: the round."""
+    node_name: bytes = b""
+    """For ``member``: the node (:attr:`etcd_rdzv.native.NodeId.name`)."""
 
 
 @dataclass(frozen=True)
@@ -98,10 +109,33 @@ class RunKeys:
         """Exists while some node waits to be admitted in ``round_``."""
         return self.waiting_prefix + b"%010d" % round_
 
+    @property
+    def rounds_prefix(self) -> bytes:
+        """The prefix of every round's join keys."""
+        return self.native_prefix + b"round/"
+
+    def parse_native(self, key: bytes) -> NativeKey | None:
+        """What a key under :attr:`native_prefix` is; None for a key of no known kind."""
+        if key == self.run_lease:
+            return NativeKey("run_lease")
+        if key == self.closed:
+            return NativeKey("closed")
+        if key.startswith(self.seal_prefix):
+            digits = key[len(self.seal_prefix):]
+            return NativeKey("seal", int(digits)) if digits.isdigit() else None
+        if key.startswith(self.waiting_prefix):
+            digits = key[len(self.waiting_prefix):]
+            return NativeKey("waiting", int(digits)) if digits.isdigit() else None
+        if key.startswith(self.rounds_prefix):
+            digits, slash, name = key[len(self.rounds_prefix):].partition(b"/")
+            if digits.isdigit() and slash and name:
+                return NativeKey("member", int(digits), name)
+        return None
+
     def round_prefix(self, round_: int) -> bytes:
         """The prefix of the join keys of ``round_``: one key per node, sorted as torch
         sorts node descriptors (see :class:`~etcd_rdzv.native.NodeId`)."""
-        return self.native_prefix + b"round/%010d/" % round_
+        return self.rounds_prefix + b"%010d/" % round_
 
     def member(self, round_: int, node_name: bytes) -> bytes:
         """A node's join key in ``round_``."""

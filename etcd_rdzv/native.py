@@ -78,6 +78,7 @@ from .errors import (
 from .keys import RunKeys
 
 __all__ = [
+    "RUN_LEASE_RENEWALS_PER_TTL",
     "Admission",
     "AsyncNativeRendezvous",
     "NativeSettings",
@@ -86,6 +87,7 @@ __all__ = [
     "close_native_run",
     "refuse_native_run",
     "run_lease",
+    "run_lease_renewal_period",
 ]
 
 log = logging.getLogger(__name__)
@@ -181,6 +183,17 @@ class NativeSettings:
     def node_ttl(self) -> int:
         """The TTL of a node's lease: torch's heartbeat timeout, in whole seconds."""
         return max(1, math.ceil(self.keep_alive_interval * self.keep_alive_max_attempt))
+
+
+#: The run lease lasts ``ttl``: each node renews it this many times per ``ttl`` (but no more
+#: often than its own keep-alives), plenty to keep it, and N nodes do not renew one lease N
+#: times per interval.
+RUN_LEASE_RENEWALS_PER_TTL = 10
+
+
+def run_lease_renewal_period(settings: NativeSettings) -> float:
+    """How often each node renews the run lease, seconds."""
+    return max(settings.keep_alive_interval, settings.ttl / RUN_LEASE_RENEWALS_PER_TTL)
 
 
 @dataclass(frozen=True)
@@ -318,24 +331,24 @@ class _ControlFeed:
     def _apply(self, control: _Control, key: bytes, value: bytes | None) -> bool:
         """Mirror one ``ctl/`` key (``value`` None: deleted); False when the change is none a
         waiting node acts on (the run lease's key)."""
-        keys = self._keys
-        if key == keys.closed:
+        parsed = self._keys.parse_native(key)
+        if parsed is None:
+            return False
+        if parsed.kind == "closed":
             control.closed = value is not None
-        elif key == keys.run_lease:
+        elif parsed.kind == "run_lease":
             control.run_lease = int(value, 16) if value else 0
             return False
-        elif key.startswith(keys.seal_prefix):
-            round_ = int(key[len(keys.seal_prefix):])
+        elif parsed.kind == "seal":
             if value is None:
-                control.seals.pop(round_, None)
+                control.seals.pop(parsed.round, None)
             else:
-                control.seals[round_] = Seal.decode(value)
-        elif key.startswith(keys.waiting_prefix):
-            round_ = int(key[len(keys.waiting_prefix):])
+                control.seals[parsed.round] = Seal.decode(value)
+        elif parsed.kind == "waiting":
             if value is None:
-                control.waiting.discard(round_)
+                control.waiting.discard(parsed.round)
             else:
-                control.waiting.add(round_)
+                control.waiting.add(parsed.round)
         return True
 
     def _notify(self) -> None:
@@ -533,9 +546,7 @@ class AsyncNativeRendezvous:
         """Renew this node's lease and the run lease every ``keep_alive_interval``."""
         settings = self._settings
         unreachable_since: float | None = None
-        # The run lease lasts ttl: renewing it every ttl/10 is plenty, and spares etcd N
-        # renewals of one lease per interval.
-        run_lease_every = max(settings.keep_alive_interval, settings.ttl / 10)
+        run_lease_every = run_lease_renewal_period(settings)
         run_lease_renewed = -math.inf
         while True:
             await asyncio.sleep(settings.keep_alive_interval)

@@ -11,6 +11,7 @@ from collections.abc import Coroutine
 from typing import Any, ClassVar, TypeVar
 
 from ..errors import (
+    CompactedError,
     EtcdConnectionError,
     EtcdStateError,
     HandlerMismatchError,
@@ -100,7 +101,9 @@ def run_for_torch(coroutine: Coroutine[Any, Any, T], seconds: float) -> T:
       (what torch's agent catches around its store barriers);
     * :class:`~etcd_rdzv.errors.EtcdConnectionError`, or no answer within ``seconds`` plus a
       grace → ``RendezvousConnectionError``;
-    * :class:`~etcd_rdzv.errors.EtcdStateError` → ``RendezvousStateError``;
+    * :class:`~etcd_rdzv.errors.EtcdStateError`, and
+      :class:`~etcd_rdzv.errors.CompactedError` (a past revision a rendezvous needed is
+      gone) → ``RendezvousStateError``;
     * :class:`~etcd_rdzv.errors.StandbyExitError` → ``RendezvousGracefulExitError``, other
       :class:`~etcd_rdzv.errors.RunClosedError` → ``RendezvousClosedError``;
     * :class:`~etcd_rdzv.errors.JoinTimeoutError` → ``RendezvousTimeoutError``;
@@ -125,7 +128,7 @@ def run_for_torch(coroutine: Coroutine[Any, Any, T], seconds: float) -> T:
         raise DistStoreError(str(exc)) from exc
     except (EtcdConnectionError, TimeoutError) as exc:
         raise RendezvousConnectionError(f"The connection to etcd has failed: {exc}") from exc
-    except EtcdStateError as exc:
+    except (EtcdStateError, CompactedError) as exc:
         raise RendezvousStateError(str(exc)) from exc
     except StandbyExitError as exc:
         raise RendezvousGracefulExitError(str(exc)) from exc
