@@ -1,4 +1,11 @@
-"""Leases for keys that must disappear some time after their last write."""
+"""Leases for the run's keys: what a write attaches, and what happens when etcd lost it.
+
+A :class:`LeaseHolder` runs a write with its lease and, when etcd no longer has that lease
+(a write naming a missing lease is never applied), takes another and runs it again. Two
+kinds exist: :class:`AmortizedLease` (``handler=torch``: keys live ``ttl`` after their last
+write) and :class:`~etcd_rdzv.native.RunLease` (``handler=native``: keys live while any node
+of the run renews the run lease, and ``ttl`` after the last one has gone).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,7 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from ._connection import EtcdClient
 from .deadline import Deadline
@@ -14,9 +21,17 @@ from .errors import LeaseNotFoundError
 
 T = TypeVar("T")
 
-__all__ = ["AmortizedLease", "lease_window"]
+__all__ = ["AmortizedLease", "LeaseHolder", "lease_window"]
 
 _MAX_WINDOW = 60
+
+
+class LeaseHolder(Protocol):
+    """Runs a write with a lease, replacing the lease when etcd has lost it."""
+
+    async def write(self, call: Callable[[int], Awaitable[T]], deadline: Deadline) -> T:
+        """``call(lease_id)``; again with a new lease if etcd no longer has that one."""
+        ...
 
 
 def lease_window(ttl: int) -> int:

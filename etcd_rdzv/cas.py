@@ -35,7 +35,7 @@ from typing import Any, Literal
 from aetcd import rpc
 
 from ._connection import EtcdClient
-from ._lease import AmortizedLease
+from ._lease import LeaseHolder
 from .deadline import Deadline
 from .errors import CompactedError, EtcdConnectionError, UnavailableError
 
@@ -122,7 +122,7 @@ async def compare_and_swap(
     deadline: Deadline,
     what: str,
     *,
-    lease: AmortizedLease | int | None = None,
+    lease: LeaseHolder | int | None = None,
     tagged: bool = False,
 ) -> CasResult:
     """Write ``value`` to ``key`` if ``expect`` holds; see the module docstring for the rules.
@@ -134,9 +134,9 @@ async def compare_and_swap(
         value: the new value.
         deadline: bounds every attempt and every read that resolves one.
         what: the operation, as messages name it ("Writing the rendezvous state '/k'").
-        lease: attached to the write: a lease id, or an :class:`AmortizedLease` (a lease
-            etcd lost is then replaced and the write resent: a write naming a missing lease
-            is never applied). None: no lease.
+        lease: attached to the write: a lease id, or a
+            :class:`~etcd_rdzv._lease.LeaseHolder` (a lease etcd lost is then replaced and
+            the write resent: a write naming a missing lease is never applied). None: none.
         tagged: ``value`` is unique to this write, so finding it in the key proves the write
             landed. Only then can a lost answer be resolved after the key moved on.
 
@@ -202,7 +202,7 @@ async def resolve_lost_answer(client: EtcdClient, key: bytes, expect: Expect, va
 
 async def _attempt(client: EtcdClient, key: bytes, expect: Expect, value: bytes,
                    deadline: Deadline, what: str,
-                   lease: AmortizedLease | int | None) -> rpc.TxnResponse:
+                   lease: LeaseHolder | int | None) -> rpc.TxnResponse:
     def request(lease_id: int) -> rpc.TxnRequest:
         return rpc.TxnRequest(
             compare=[expect.compare(key)],
@@ -211,7 +211,7 @@ async def _attempt(client: EtcdClient, key: bytes, expect: Expect, value: bytes,
             failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=key))],
         )
 
-    if not isinstance(lease, AmortizedLease):
+    if lease is None or isinstance(lease, int):
         return await client.txn_once(request(lease or 0), deadline, what)
     return await lease.write(
         lambda lease_id: client.txn_once(request(lease_id), deadline, what), deadline)

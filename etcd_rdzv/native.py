@@ -83,6 +83,7 @@ __all__ = [
     "AsyncNativeRendezvous",
     "NativeSettings",
     "NodeId",
+    "RunLease",
     "Seal",
     "close_native_run",
     "refuse_native_run",
@@ -397,19 +398,39 @@ async def run_lease(client: EtcdClient, keys: RunKeys, ttl: int, deadline: Deadl
     return lease
 
 
+class RunLease:
+    """The run lease as a :class:`~etcd_rdzv._lease.LeaseHolder`, for the run's shared keys:
+    the seals, ``closed``, and the run's store (``MASTER_ADDR``, the agents' barriers), which
+    so live while any node of the run lives, and ``ttl`` after the last one has gone."""
+
+    def __init__(self, client: EtcdClient, keys: RunKeys, ttl: int) -> None:
+        self._client = client
+        self._keys = keys
+        self._ttl = ttl
+        self.lease_id = 0
+        """The lease last used (0: none yet); a node's mirror may set the one it saw."""
+
+    async def write(self, call: Callable[[int], Awaitable[T]], deadline: Deadline) -> T:
+        """``call(run_lease)``; once more with a new run lease if etcd no longer had it."""
+        for attempt in range(2):
+            if not self.lease_id:
+                self.lease_id = await run_lease(self._client, self._keys, self._ttl, deadline)
+            try:
+                return await call(self.lease_id)
+            except LeaseNotFoundError:
+                self.lease_id = 0
+                if attempt:  # the run lease expired between the read and the write, twice
+                    raise
+        raise AssertionError("unreachable")
+
+
 async def close_native_run(client: EtcdClient, keys: RunKeys, deadline: Deadline, *,
                            ttl: int = DEFAULT_TTL, closed_by: bytes = b"operator") -> None:
     """Close a native run (from a node, or from outside it): waiting nodes get
     :class:`RunClosedError`, standbys :class:`StandbyExitError`. The ``closed`` key lives on
     the run lease, so it expires with the run's other shared keys."""
-    for attempt in range(2):
-        lease = await run_lease(client, keys, ttl, deadline)
-        try:
-            await client.put(keys.closed, closed_by, lease, deadline)
-            return
-        except LeaseNotFoundError:
-            if attempt:  # the run lease expired between the read and the put, twice
-                raise
+    await RunLease(client, keys, ttl).write(
+        lambda lease: client.put(keys.closed, closed_by, lease, deadline), deadline)
 
 
 def _torch_run(keys: RunKeys) -> HandlerMismatchError:
@@ -452,6 +473,9 @@ class AsyncNativeRendezvous:
         self._settings = settings
         self._node = node or NodeId.generate()
         self._feed = _ControlFeed.detached(keys)
+        #: Taken by the first node that writes a shared key (a seal, the close), not at
+        #: start: N nodes starting at once would each grant one.
+        self._run_lease = RunLease(client, keys, settings.ttl)
         self._started = False
         self._start_lock: asyncio.Lock | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -513,8 +537,6 @@ class AsyncNativeRendezvous:
             deadline = self._deadline()
             self._feed = await _ControlFeed.attach(self._client, self._keys, deadline)
             try:
-                # The run lease is taken by the first node that writes a shared key (a seal,
-                # the close), not here: N nodes starting at once would each grant one.
                 self._node_lease = await self._client.grant_lease(self._settings.node_ttl,
                                                                   deadline)
             except BaseException:
@@ -522,25 +544,6 @@ class AsyncNativeRendezvous:
                 raise
             self._tasks = [asyncio.get_running_loop().create_task(self._keep_alive())]
             self._started = True
-
-    async def _run_lease(self, deadline: Deadline) -> int:
-        """The run lease (shared by the run's nodes), granted if the run has none.
-
-        The mirror's is taken as alive: its key goes when it expires.
-        """
-        if not self._control.run_lease:
-            self._control.run_lease = await run_lease(self._client, self._keys,
-                                                      self._settings.ttl, deadline)
-        return self._control.run_lease
-
-    async def _with_run_lease(self, write: Callable[[int], Awaitable[T]],
-                              deadline: Deadline) -> T:
-        """``write(run_lease)``; if the lease just expired (the mirror lags), with a new one."""
-        try:
-            return await write(await self._run_lease(deadline))
-        except LeaseNotFoundError:
-            self._control.run_lease = 0
-            return await write(await self._run_lease(deadline))
 
     async def _keep_alive(self) -> None:
         """Renew this node's lease and the run lease every ``keep_alive_interval``."""
@@ -757,10 +760,12 @@ class AsyncNativeRendezvous:
         if joined > settings.max_nodes:
             cutoff, joined = await self._cap(prefix, cutoff, deadline)
         seal = Seal(round_, cutoff, joined, time.time(), str(self._node))
-        result = await self._with_run_lease(lambda lease: compare_and_swap(
+        self._run_lease.lease_id = self._run_lease.lease_id or self._control.run_lease
+        result = await compare_and_swap(
             self._client, self._keys.seal(round_), Expect.absent(), seal.encode(), deadline,
-            f"Sealing round {round_} of {self._keys.run_id!r}", lease=lease, tagged=True,
-        ), deadline)
+            f"Sealing round {round_} of {self._keys.run_id!r}", lease=self._run_lease,
+            tagged=True,
+        )
         if result.applied:
             log.info("node %s sealed round %d of %r with %d nodes", self._node, round_,
                      self._keys.run_id, joined)

@@ -16,7 +16,7 @@ from typing import Any
 from aetcd import rpc
 
 from ._connection import EtcdClient
-from ._lease import AmortizedLease
+from ._lease import LeaseHolder
 from .cas import Expect, compare_and_swap
 from .deadline import Deadline
 from .errors import EtcdConnectionError, StoreTimeoutError
@@ -60,7 +60,7 @@ class AsyncEtcdStore:
             backend so that a run's keys go together.
     """
 
-    def __init__(self, client: EtcdClient, prefix: bytes, lease: AmortizedLease) -> None:
+    def __init__(self, client: EtcdClient, prefix: bytes, lease: LeaseHolder) -> None:
         if not prefix.endswith(b"/"):
             prefix += b"/"
         self._client = client

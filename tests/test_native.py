@@ -30,6 +30,7 @@ from etcd_rdzv import (
     RunClosedError,
     StandbyExitError,
 )
+from etcd_rdzv.config import parse_endpoints
 from etcd_rdzv.elastic import create_handler
 from etcd_rdzv.keys import RunKeys
 from etcd_rdzv.native import Admission, AsyncNativeRendezvous, NativeSettings, NodeId
@@ -372,11 +373,27 @@ def test_torchs_agent_gets_ranks_a_store_and_master_addr(
     assert infos[1].store.get("k") == b"v"  # type: ignore[attr-defined]
     assert handlers[0].get_backend() == "etcd-v3"
     assert handlers[0].num_nodes_waiting() == 0
+    # The run's store lives on the run lease, which the nodes renew while they train.
+    keys = RunKeys(native_params.run_id, native_params.config["key_prefix"])
+    assert store_leases(native_params.endpoint, keys) == {"run"}
     assert handlers[0].shutdown()
     assert handlers[1].is_closed()
     late = create_handler(native_params)
     with pytest.raises(RendezvousClosedError):
         late.next_rendezvous()
+
+
+def store_leases(endpoint: str, keys: RunKeys) -> set[str]:
+    """Which lease each store key is on: "run" (the run lease) or its id."""
+    async def read() -> set[str]:
+        config = EtcdConfig(endpoints=parse_endpoints(endpoint))
+        async with EtcdClient(config) as client:
+            run_lease = int((await client.get(keys.run_lease, Deadline.after(5))).kvs[0].value,
+                            16)
+            store = await client.get_prefix(keys.store_prefix, Deadline.after(5))
+            return {"run" if kv.lease == run_lease else f"{kv.lease:x}" for kv in store.kvs}
+
+    return asyncio.run(read())
 
 
 def test_torchs_agent_gets_its_timeout_error(native_params: RendezvousParameters) -> None:

@@ -75,9 +75,8 @@ def _create_native_handler(config: RendezvousConfig,
                            params: RendezvousParameters) -> RendezvousHandler:
     """The native handler (``handler=native``) from options already parsed."""
     from .._connection import EtcdClient
-    from .._lease import AmortizedLease
     from ..keys import RunKeys
-    from ..native import AsyncNativeRendezvous, NativeSettings, NodeId
+    from ..native import AsyncNativeRendezvous, NativeSettings, NodeId, RunLease
     from ..store import AsyncEtcdStore
     from ._portal import run_for_torch
     from .handler import NativeRendezvousHandler
@@ -92,8 +91,10 @@ def _create_native_handler(config: RendezvousConfig,
                                        NodeId.generate(params.local_addr))
     probe_seconds = min(config.etcd.connect_timeout, config.etcd.read_timeout)
     run_for_torch(rendezvous.start(), probe_seconds)
-    store = EtcdStore(AsyncEtcdStore(client, keys.store_prefix, AmortizedLease(client,
-                                                                               config.ttl)))
+    # The store's keys (MASTER_ADDR, the agents' barriers) live on the run lease: as long as
+    # a node of the run lives, however long it trains without writing.
+    store = EtcdStore(AsyncEtcdStore(client, keys.store_prefix,
+                                     RunLease(client, keys, config.ttl)))
     return NativeRendezvousHandler(rendezvous, store)
 
 
