@@ -192,6 +192,7 @@ _GRANT = operator.attrgetter("lease.LeaseGrant")
 _REVOKE = operator.attrgetter("lease.LeaseRevoke")
 _TIME_TO_LIVE = operator.attrgetter("lease.LeaseTimeToLive")
 _STATUS = operator.attrgetter("maintenance.Status")
+_ALARM = operator.attrgetter("maintenance.Alarm")
 
 
 def _show(key: bytes) -> str:
@@ -627,6 +628,14 @@ class EtcdClient:
         except CompactedError:
             return False
         return True
+
+    async def alarms(self, deadline: Deadline) -> list[str]:
+        """The alarms raised in the cluster (``NOSPACE``, ``CORRUPT``), one per member and
+        kind; empty when none is; retried."""
+        response = await self._unary("Reading etcd's alarms", _ALARM,
+                                     rpc.AlarmRequest(action=rpc.AlarmRequest.GET), deadline,
+                                     idempotent=True)
+        return [rpc.AlarmType.Name(alarm.alarm) for alarm in response.alarms]
 
     async def status(self, deadline: Deadline) -> MemberStatus:
         """The status of the member this client talks to (database size, leader)."""

@@ -605,14 +605,15 @@ class RendezvousAdmin:
     def _decode(self, value: bytes, key: bytes) -> RendezvousStateView:
         return decode_state(self._codec.decode(value, key=key), key=key)
 
-    async def list_runs(self) -> list[RunInfo]:
+    async def list_runs(self, *, lease_ages: bool = True) -> list[RunInfo]:
         """Every run under the key prefix, sorted by run id.
 
         A run is any key of the layout in :mod:`etcd_rdzv.keys` (the state, store keys,
         native keys); other keys under the prefix are not runs and are left out. One range
-        read of the prefix, then one lease look-up per run (for ``idle_seconds`` and
-        ``ttl_left``). A state that cannot be decoded is listed with ``error`` set (and
-        ``not_a_torch_state`` when another program wrote it).
+        read of the prefix, then (with ``lease_ages``) one lease look-up per run, for
+        ``idle_seconds`` and ``ttl_left``, which are None without. A state that cannot be
+        decoded is listed with ``error`` set (and ``not_a_torch_state`` when another program
+        wrote it).
 
         Raises:
             EtcdConnectionError: etcd did not answer within ``read_timeout``.
@@ -643,7 +644,8 @@ class RendezvousAdmin:
                    if native.run_lease}
         lease_of = {run_id: renewed.get(run_id) or int(keys.newest.lease)
                     for run_id, keys in runs.items()}
-        leases = await self._lease_ages({lease for lease in lease_of.values() if lease})
+        leases = await self._lease_ages({lease for lease in lease_of.values() if lease}) \
+            if lease_ages else {}
         now = time.monotonic()
         infos = []
         for run_id in sorted(runs):

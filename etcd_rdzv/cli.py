@@ -53,6 +53,7 @@ from .errors import (
     RunNotFoundError,
     UnavailableError,
 )
+from .exporter import DEFAULT_QUOTA_BYTES
 from .keys import RunKeys
 
 __all__ = [
@@ -160,6 +161,22 @@ def _duration_arg(text: str) -> float:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _listen_arg(text: str) -> tuple[str, int]:
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"invalid address {text!r}: give [HOST]:PORT with a "
+                                         "TCP port from 1 to 65535, such as :9400 or "
+                                         "127.0.0.1:9400")
+    return host.strip("[]"), int(port)
+
+
+def _bytes_arg(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: give a number of bytes, "
+                                         "such as 2147483648")
+    return int(text)
 
 
 def _port_arg(text: str) -> int:
@@ -338,6 +355,24 @@ def _build_parser() -> _Parser:
                          help=f"idle time, such as 30m, 2h or 1d (default {DEFAULT_OLDER_THAN})")
     cleanup.add_argument("--dry-run", action="store_true",
                          help="show what would be deleted, delete nothing")
+
+    exporter = command("exporter", "serve Prometheus metrics of every run until Ctrl-C",
+                       "Serve /metrics for Prometheus: each run under the key prefix (nodes "
+                       "by role, round, world size, complete, closed, the oldest heartbeat, "
+                       "the state's size) and etcd (database size against its quota, the "
+                       "NOSPACE alarm). One etcd read per scrape for every run; when etcd "
+                       "does not answer, etcd_rdzv_up is 0. Needs prometheus_client "
+                       "(pip install 'etcd-rdzv[exporter]'). Metrics and alert rules: "
+                       "docs/operations.md.")
+    exporter.add_argument("--listen", metavar="[HOST]:PORT", type=_listen_arg,
+                          default=_listen_arg(":9400"),
+                          help="where to serve; no host: every interface (default :9400)")
+    exporter.add_argument("--scrape-timeout", metavar="DURATION", type=_duration_arg,
+                          default=10.0, help="the deadline of one scrape (default 10s)")
+    exporter.add_argument("--quota-bytes", metavar="BYTES", type=_bytes_arg,
+                          default=DEFAULT_QUOTA_BYTES,
+                          help="etcd's --quota-backend-bytes, which etcd does not report "
+                               f"(default {DEFAULT_QUOTA_BYTES}, etcd's default)")
     return parser
 
 
@@ -886,12 +921,41 @@ def _serve(args: argparse.Namespace) -> int:
 # --- main -----------------------------------------------------------------------------------
 
 #: Commands that run until a signal; SIGINT or SIGTERM ends them with exit code 0.
-_UNTIL_SIGNAL = frozenset({"watch", "serve"})
+_UNTIL_SIGNAL = frozenset({"watch", "serve", "exporter"})
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
+
+
+async def _exporter(args: argparse.Namespace, admin: Any, config: RendezvousConfig) -> int:
+    try:
+        from prometheus_client import CollectorRegistry, start_http_server
+    except ImportError:
+        raise _UsageError("etcd-rdzv exporter needs prometheus_client: pip install "
+                          "'etcd-rdzv[exporter]'") from None
+    from .exporter import RendezvousCollector
+
+    registry = CollectorRegistry()
+    registry.register(RendezvousCollector(
+        admin, asyncio.get_running_loop(), scrape_timeout=args.scrape_timeout,
+        quota_bytes=args.quota_bytes))
+    host, port = args.listen
+    try:
+        server, _ = start_http_server(port, addr=host or "0.0.0.0", registry=registry)
+    except OSError as exc:
+        _print(f"etcd-rdzv: cannot listen on --listen={host}:{port}: {exc.strerror}",
+               file=sys.stderr)
+        return EXIT_ERROR
+    _print(f"Serving the metrics of the runs under {config.key_prefix!r} on "
+           f"http://{host or '0.0.0.0'}:{port}/metrics until Ctrl-C.", file=sys.stderr)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        server.shutdown()
+        server.server_close()
+    return EXIT_OK
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace, Any, RendezvousConfig], Awaitable[int]]] = {
@@ -901,6 +965,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Any, RendezvousConfig], Await
     "close": _close,
     "delete": _delete,
     "cleanup": _cleanup,
+    "exporter": _exporter,
 }
 
 
