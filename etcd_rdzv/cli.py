@@ -856,29 +856,19 @@ def _serve_host(args: argparse.Namespace) -> str:
     return str(address)
 
 
-def _port_is_free(host: str, port: int) -> bool:
-    # SO_REUSEADDR as etcd's own listener sets it: a port in TIME_WAIT is free to etcd.
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
 
 def _serve(args: argparse.Namespace) -> int:
     from .errors import EtcdStartError
-    from .testing import EtcdServer
+    from .testing import EtcdServer, port_is_free
 
     host = _serve_host(args)
     port = args.port
     if port is None:
-        port = DEFAULT_PORT if _port_is_free(host, DEFAULT_PORT) else 0
+        port = DEFAULT_PORT if port_is_free(host, DEFAULT_PORT) else 0
         if not port:
             _print(f"etcd-rdzv: port {DEFAULT_PORT} is taken on {host} (another etcd?); "
                    "serving on a free port instead (--port chooses one).", file=sys.stderr)
-    elif port and not _port_is_free(host, port):
+    elif port and not port_is_free(host, port):
         _print(f"etcd-rdzv: --port {port} is taken on {host}: stop what listens there, or "
                "give another --port (0: any free port).", file=sys.stderr)
         return EXIT_ERROR
