@@ -388,9 +388,11 @@ async def run_lease(client: EtcdClient, keys: RunKeys, ttl: int, deadline: Deadl
     if current:
         return int(current[0].value, 16)
     lease = await client.grant_lease(ttl, deadline)
+    # The value names this lease, so it is unique to this write (tagged): a write whose
+    # answer was lost is known to have landed when the key holds it.
     result = await compare_and_swap(
         client, keys.run_lease, Expect.absent(), b"%x" % lease, deadline,
-        f"Creating the run lease of {keys.run_id!r}", lease=lease,
+        f"Creating the run lease of {keys.run_id!r}", lease=lease, tagged=True,
     )
     if not result.applied and result.value is not None:
         await client.revoke_lease(lease, deadline)
