@@ -18,6 +18,7 @@ COLORS = {
     "etcd-v3 watch": "#2ca02c",
     "etcd-v2": "#ff7f0e",
     "c10d": "#d62728",
+    "native": "#9467bd",
 }
 
 

@@ -33,8 +33,10 @@ from . import (
     backend_calls,
     contention,
     history_growth,
+    join_scale,
     rendezvous,
     state_scale,
+    steady_state,
     store_wakeup,
 )
 from ._common import (
@@ -56,9 +58,9 @@ TEMPLATE = Path(__file__).resolve().parent / "report.md.in"
 #: Every topic, in the report's order.
 TOPICS: dict[str, Topic[Any, Any]] = {topic.name: topic for topic in (
     backend_calls.TOPIC, rendezvous.TOPIC, contention.TOPIC, state_scale.TOPIC,
-    store_wakeup.TOPIC, history_growth.TOPIC)}
+    store_wakeup.TOPIC, join_scale.TOPIC, steady_state.TOPIC, history_growth.TOPIC)}
 #: What ``make bench`` runs and docs/benchmarks.md shows.
-PUBLISHED = ("calls", "rendezvous", "contention", "scale", "store")
+PUBLISHED = ("calls", "rendezvous", "contention", "scale", "store", "join-scale", "steady")
 
 
 @dataclass
