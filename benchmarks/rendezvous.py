@@ -53,6 +53,11 @@ JOIN_TIMEOUT = 120
 #: The collision lever's target: at this N, at most this fraction of c10d's time.
 LEVER_TARGET = 0.5
 LEVER_N = 32
+#: The native handler's targets: at most this many seconds at this N, and at most this
+#: fraction of c10d's time at these N.
+NATIVE = "native"
+NATIVE_SECONDS, NATIVE_SECONDS_N = 0.1, 8
+NATIVE_C10D_TARGET, NATIVE_C10D_N = 0.5, (32, 64)
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,7 @@ class Settings:
     trials: int = option(5, "trials per variant and size")
 
 
-QUICK = Settings(sizes=(2, 8, 16), lever_sizes=(8, 16), trials=1)
+QUICK = Settings(sizes=(2, 8, 32), lever_sizes=(8, 32), trials=1)
 
 
 @dataclass(frozen=True)
@@ -75,17 +80,28 @@ class Variant:
     kind: str
     watch: bool = False
     backoff: float = 0.0
+    native: bool = False
+    """etcd-v3 with ``handler=native`` rather than torch's handler."""
 
     @property
     def family(self) -> str:
-        """The variant without the lever: ``etcd-v3 poll``, ``etcd-v3 watch``, ``c10d``..."""
+        """The variant without the lever: ``etcd-v3 poll``, ``etcd-v3 watch``, ``native``..."""
+        if self.native:
+            return NATIVE
         if self.kind != ETCD_V3:
             return self.kind
         return "etcd-v3 watch" if self.watch else "etcd-v3 poll"
 
+    @property
+    def torch_handler(self) -> bool:
+        """Whether torch's handler runs it (so its backend calls and sleeps are counted)."""
+        return not self.native
+
     def config(self, timeout: int) -> dict[str, object]:
         options: dict[str, object] = {"join_timeout": timeout, "close_timeout": timeout}
-        if self.kind == ETCD_V3:
+        if self.native:
+            options["handler"] = "native"
+        elif self.kind == ETCD_V3:
             options["wait"] = "watch" if self.watch else "poll"
             if self.backoff:
                 options["conflict_backoff"] = self.backoff
@@ -95,7 +111,7 @@ class Variant:
 
 
 def main_variants(watch: bool, v2: bool) -> list[Variant]:
-    variants = [Variant("etcd-v3 poll", ETCD_V3)]
+    variants = [Variant(NATIVE, ETCD_V3, native=True), Variant("etcd-v3 poll", ETCD_V3)]
     if watch:
         variants.append(Variant("etcd-v3 watch", ETCD_V3, watch=True))
     if v2:
@@ -139,12 +155,14 @@ class AgentReport(AgentResult):
     store: float = 0.0
     """Seconds in torch's ``RendezvousStoreInfo.build``: rank 0 sets MASTER_ADDR and
     MASTER_PORT in the rendezvous store, the others wait for them there."""
+    native: float = 0.0
+    """native: seconds in the async core's ``next_rendezvous`` (join, seal, rank)."""
 
     @property
     def other(self) -> float:
         """What is left: CPU (pickling, the handler, scheduling among N processes), store."""
         return self.seconds - self.jitter - self.poll_sleep - self.counts.call_seconds \
-            - self.counts.wait_seconds - self.store
+            - self.counts.wait_seconds - self.store - self.native
 
 
 @dataclass
@@ -153,6 +171,7 @@ class _Sleeps:
     poll_sleep: float = 0.0
     polls: int = 0
     store: float = 0.0
+    native: float = 0.0
 
 
 # --- in the agent process: state in module globals between commands ----------------------
@@ -202,11 +221,15 @@ def _instrument_torch() -> None:
 
 
 def counted_handler(params: RendezvousParameters) -> RendezvousHandler:
-    """torch's handler (``wait=watch``: the fast one) over a counting proxy of the backend."""
+    """torch's handler (``wait=watch``: the fast one) over a counting proxy of the backend;
+    with ``handler=native``, the native handler, its async core timed."""
     from torch.distributed.elastic.rendezvous import dynamic_rendezvous
 
     from etcd_rdzv.elastic import fast_handler
 
+    if params.get("handler", "torch") == NATIVE:
+        _PROXY.clear()
+        return timed_native_handler(params)
     backend, store = _backends.create_backend(params.backend, params)
     _PROXY[:] = [_backends.CountingBackend(backend)]
     if params.get("wait", "poll") != "watch":
@@ -215,6 +238,30 @@ def counted_handler(params: RendezvousParameters) -> RendezvousHandler:
     if not fast_handler.is_fast_handler(handler):
         raise RuntimeError("wait=watch fell back to torch's stock handler: "
                            f"{fast_handler.why_unavailable(handler)}")
+    return handler
+
+
+def timed_native_handler(params: RendezvousParameters) -> RendezvousHandler:
+    """The native handler as ``create_handler`` builds it, its async core's
+    ``next_rendezvous`` timed into :data:`_SLEEPS` (the handler adds the store exchange)."""
+    from etcd_rdzv import Admission
+    from etcd_rdzv.elastic import create_handler
+    from etcd_rdzv.elastic.handler import NativeRendezvousHandler
+
+    handler = create_handler(params)
+    if not isinstance(handler, NativeRendezvousHandler):
+        raise RuntimeError(f"handler=native built a {type(handler).__name__}")
+    core = handler.async_rendezvous
+    join = core.next_rendezvous
+
+    async def timed_join() -> Admission:
+        started = time.perf_counter()
+        try:
+            return await join()
+        finally:
+            _SLEEPS[0].native += time.perf_counter() - started
+
+    core.next_rendezvous = timed_join  # type: ignore[method-assign]  # this instance only
     return handler
 
 
@@ -229,20 +276,24 @@ def agent_setup(spec: AgentSpec) -> None:
 
 def agent_join(start_at: float, dump_after: float) -> AgentReport:
     _SLEEPS[0] = _Sleeps()
-    _PROXY[0].reset()
+    for proxy in _PROXY:
+        proxy.reset()
     result = agents.next_rendezvous(start_at, dump_after)
     if isinstance(result, RendezvousFailed):
         raise RuntimeError(f"next_rendezvous raised {result.error}: {result.message}")
     sleeps = _SLEEPS[0]
-    return AgentReport(**vars(result), counts=_PROXY[0].snapshot(), jitter=sleeps.jitter,
-                       poll_sleep=sleeps.poll_sleep, polls=sleeps.polls, store=sleeps.store)
+    counts = _PROXY[0].snapshot() if _PROXY else CallCounts()
+    return AgentReport(**vars(result), counts=counts, jitter=sleeps.jitter,
+                       poll_sleep=sleeps.poll_sleep, polls=sleeps.polls, store=sleeps.store,
+                       native=sleeps.native)
 
 
 def agent_teardown() -> None:
     try:
         agents.shutdown_handler()
     finally:
-        _backends.close_backend(_PROXY.pop())
+        while _PROXY:
+            _backends.close_backend(_PROXY.pop())
         agents.release_handler()
 
 
@@ -363,8 +414,9 @@ def collect(settings: Settings, say: Callable[[str], None]) -> RendezvousResults
         say(f"rendezvous: {pool.size} agent processes ready in "
             f"{results.pool_start_seconds:.1f} s")
         for n in sorted({*sizes, *lever_sizes}):
-            variants = (plain if n in sizes else [v for v in plain if v.kind == ETCD_V3]) \
-                    + (lever if n in lever_sizes else [])
+            variants = (plain if n in sizes else
+                        [v for v in plain if v.kind == ETCD_V3 and v.torch_handler]) \
+                + (lever if n in lever_sizes else [])
             for index in range(trials):
                 shift = index % len(variants)
                 for variant in variants[shift:] + variants[:shift]:
@@ -407,9 +459,15 @@ def time_table(results: RendezvousResults) -> str:
     return markdown_table(header, rows)
 
 
+def _torch_labels(results: RendezvousResults) -> list[str]:
+    """The variants torch's handler runs (whose backend calls are counted)."""
+    return [label for label in results.labels()
+            if (v := results.variant(label)) is not None and v.torch_handler]
+
+
 def calls_table(results: RendezvousResults) -> str:
     rows = []
-    for label in results.labels():
+    for label in _torch_labels(results):
         for n in sorted({*results.sizes, *results.lever_sizes}):
             trials = results.of(label, n)
             if not trials:
@@ -436,6 +494,12 @@ def breakdown_table(results: RendezvousResults) -> str:
             def median(values: Iterator[float]) -> str:
                 return f"{statistics.median(values):.2f}"
 
+            if not trials[0].variant.torch_handler:
+                rows.append([label, n, median(a.seconds for a in slowest), "-", "-", "-",
+                             f"{median(a.native for a in slowest)} (core)", "-",
+                             median(a.store for a in slowest),
+                             median(a.other for a in slowest)])
+                continue
             rows.append([
                 label, n, median(a.seconds for a in slowest),
                 median(a.jitter for a in slowest),
@@ -510,15 +574,18 @@ def _time_split(results: RendezvousResults) -> list[str]:
             if not trials:
                 continue
             slowest = [t.slowest for t in trials]
-            split = [("1 s polls", _median(a.poll_sleep for a in slowest)),
+            split = [("native core", _median(a.native for a in slowest)),
+                     ("1 s polls", _median(a.poll_sleep for a in slowest)),
                      ("jitter", _median(a.jitter for a in slowest)),
                      ("backend calls", _median(a.counts.call_seconds for a in slowest)),
                      ("watch waits", _median(a.counts.wait_seconds for a in slowest)),
                      ("store", _median(a.store for a in slowest)),
                      ("other", _median(a.other for a in slowest))]
             shown = " + ".join(f"{name} {value:.2f}" for name, value in split if value >= 0.005)
-            parts.append(f"N={n}: {_median(a.seconds for a in slowest):.2f} s ≈ {shown} "
-                         f"(conflicts: {_median(t.total('conflicts') for t in trials):.0f})")
+            conflicts = "" if not trials[0].variant.torch_handler else \
+                f" (conflicts: {_median(t.total('conflicts') for t in trials):.0f})"
+            parts.append(f"N={n}: {_median(a.seconds for a in slowest):.2f} s ≈ {shown}"
+                         + conflicts)
         if parts:
             lines.append(f"- {label}: " + "; ".join(parts))
     return lines
@@ -528,7 +595,7 @@ def _collisions(results: RendezvousResults) -> str:
     """The largest N: conflicts and per-call time of the slowest agent, per variant."""
     n = max(results.sizes)
     cells = []
-    for label in results.labels():
+    for label in _torch_labels(results):
         trials = results.of(label, n)
         if trials:
             slowest = [t.slowest for t in trials]
@@ -589,6 +656,29 @@ def verdicts(results: RendezvousResults) -> list[Verdict]:
         None if best is None else best[1] <= LEVER_TARGET,
         "" if best is None else
         f"{(best[1] / LEVER_TARGET - 1) * 100:.0f}% over the {LEVER_TARGET:g}x ceiling"))
+    return out + native_verdicts(results)
+
+
+def native_verdicts(results: RendezvousResults) -> list[Verdict]:
+    """handler=native: at most 0.1 s at N = 8; at most 0.5x c10d's time at N = 32 and 64."""
+    if results.variant(NATIVE) is None:
+        return []
+    spread = results.seconds(NATIVE, NATIVE_SECONDS_N)
+    out = [Verdict(
+        "native 8", f"native time to rendezvous at N = {NATIVE_SECONDS_N} at most "
+        f"{NATIVE_SECONDS:g} s", "n/a" if spread is None else f"{spread.format(digits=3)} s",
+        None if spread is None else spread.median <= NATIVE_SECONDS,
+        "" if spread is None else
+        f"{(spread.median / NATIVE_SECONDS - 1) * 100:.0f}% over {NATIVE_SECONDS:g} s")]
+    ratios = [(n, r) for n in NATIVE_C10D_N if (r := results.paired(NATIVE, C10D, n)) is not None]
+    over = [(n, r) for n, r in ratios if r.median > NATIVE_C10D_TARGET]
+    out.append(Verdict(
+        "native c10d", f"native time to rendezvous at most {NATIVE_C10D_TARGET:g}x c10d's at "
+        f"N = {' and '.join(map(str, NATIVE_C10D_N))}",
+        ", ".join(f"N={n}: {r.format()}x" for n, r in ratios) or "n/a",
+        None if len(ratios) < len(NATIVE_C10D_N) else not over,
+        "; ".join(f"N={n}: {r.median:.2f}x" for n, r in over)
+        or ("" if ratios else "not measured")))
     return out
 
 
@@ -623,6 +713,14 @@ def facts(results: RendezvousResults) -> dict[str, str]:
         found["s_calls"] = f"{_median(t.slowest.counts.calls for t in poll):.0f}"
     if watch := results.of("etcd-v3 watch", n):
         found["w_gets"] = f"{_median(t.total('gets') for t in watch):.0f}"
+    for size in sorted({NATIVE_SECONDS_N, *NATIVE_C10D_N, n}):
+        if native := results.of(NATIVE, size):
+            slowest = [t.slowest for t in native]
+            found[f"native_{size}"] = (
+                f"{_median(a.seconds for a in slowest):.3f} s (core "
+                f"{_median(a.native for a in slowest):.3f} s, store "
+                f"{_median(a.store for a in slowest):.3f} s, other "
+                f"{_median(a.other for a in slowest):.3f} s)")
     return found
 
 
@@ -652,6 +750,8 @@ def plot(results: RendezvousResults, directory: Path) -> list[Path]:
         color = _plots.COLORS.get(label.replace(" poll", ""), "#333333")
         xs, ys, err = _errorbars(results, label, results.sizes, lambda t: t.seconds)
         left.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label, color=color)
+        if label not in _torch_labels(results):
+            continue  # no torch backend calls to count
         xs, ys, err = _errorbars(results, label, results.sizes, lambda t: t.total("calls"))
         right.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label, color=color)
     for axes in (left, right):
@@ -661,10 +761,11 @@ def plot(results: RendezvousResults, directory: Path) -> list[Path]:
         axes.grid(alpha=0.3)
     left.set_ylabel("seconds to rendezvous (median, min to max)")
     left.set_ylim(bottom=0)
-    right.set_ylabel("backend calls per rendezvous")
+    right.set_ylabel("torch's handler: backend calls per rendezvous")
     right.set_yscale("log")
     left.legend(fontsize=8)
-    figure.suptitle("Time to rendezvous through torch's DynamicRendezvousHandler")
+    figure.suptitle("Time to rendezvous: torch's DynamicRendezvousHandler per backend, and "
+                    "the native handler")
     paths.append(_plots.save(figure, directory / "rendezvous_time.png"))
 
     if results.lever_sizes and results.backoffs:
