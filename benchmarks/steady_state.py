@@ -134,27 +134,39 @@ class SteadyResults:
         return next((case for case in self.cases if case.label == label), None)
 
 
-async def _watch_etcd(probe: EtcdProbe, case: Case, seconds: float, every: float,
-                      say: Callable[[str], None]) -> None:
-    """Sample etcd every ``every`` seconds for ``seconds``, into ``case.points``."""
-    loop = asyncio.get_running_loop()
-    first: EtcdSample = await loop.run_in_executor(None, probe.sample)
-    started = time.monotonic()
-    case.points.append(Point(0.0, 0, 0, 0.0))
-    next_minute = 60.0
-    while True:
-        elapsed = time.monotonic() - started
-        if elapsed >= seconds:
-            break
-        await asyncio.sleep(min(every, seconds - elapsed))
-        delta = await loop.run_in_executor(None, probe.sample) - first
-        point = Point(time.monotonic() - started, delta.revisions, delta.db_growth,
+class _Sampler:
+    """etcd sampled into ``case.points``, relative to the first sample."""
+
+    def __init__(self, probe: EtcdProbe, case: Case, say: Callable[[str], None]) -> None:
+        self._probe = probe
+        self._case = case
+        self._say = say
+        self._first: EtcdSample | None = None
+        self._started = 0.0
+
+    async def sample(self) -> Point:
+        sample = await asyncio.get_running_loop().run_in_executor(None, self._probe.sample)
+        if self._first is None:
+            self._first, self._started = sample, time.monotonic()
+        delta = sample - self._first
+        point = Point(time.monotonic() - self._started, delta.revisions, delta.db_growth,
                       delta.count("renewals"))
-        case.points.append(point)
-        if point.seconds >= next_minute or point.seconds >= seconds:
-            next_minute += 60.0
-            say(f"steady: {case.label}: {point.seconds:.0f} s, {point.revisions:,} revisions, "
-                f"db +{point.db_growth / 1e6:,.1f} MB, {point.renewals:,.0f} lease renewals")
+        self._case.points.append(point)
+        return point
+
+    async def every(self, every: float, seconds: float) -> None:
+        """Sample (unless done already), then every ``every`` seconds for ``seconds``."""
+        if self._first is None:
+            await self.sample()
+        next_minute = 60.0
+        while (elapsed := time.monotonic() - self._started) < seconds:
+            await asyncio.sleep(min(every, seconds - elapsed))
+            point = await self.sample()
+            if point.seconds >= next_minute or point.seconds >= seconds:
+                next_minute += 60.0
+                self._say(f"steady: {self._case.label}: {point.seconds:.0f} s, "
+                          f"{point.revisions:,} revisions, db +{point.db_growth / 1e6:,.1f} MB, "
+                          f"{point.renewals:,.0f} lease renewals")
 
 
 def _clients(endpoint: str, settings: Settings) -> list[EtcdClient]:
@@ -174,7 +186,7 @@ async def native_case(endpoint: str, probe: EtcdProbe, settings: Settings,
     try:
         admissions = await asyncio.gather(*(node.next_rendezvous() for node in nodes))
         check_ranks(NATIVE, settings.nodes, admissions)
-        await _watch_etcd(probe, case, settings.seconds, settings.sample_every, say)
+        await _Sampler(probe, case, say).every(settings.sample_every, settings.seconds)
         await asyncio.gather(*(node.leave() for node in nodes))
     finally:
         for client in clients:
@@ -219,6 +231,8 @@ async def torch_case(endpoint: str, probe: EtcdProbe, settings: Settings,
         created = await backends[0].set_state(bytes(state), None)
         assert created is not None and created[2]
         newest = created[1]
+        sampler = _Sampler(probe, case, say)
+        await sampler.sample()  # before the first heartbeat
         started = time.monotonic()
         due_next = 0
         stop_at = started + settings.seconds
@@ -247,8 +261,9 @@ async def torch_case(endpoint: str, probe: EtcdProbe, settings: Settings,
                 case.heartbeats += 1
 
         writers = [asyncio.ensure_future(writer(index)) for index in range(settings.writers)]
-        await _watch_etcd(probe, case, settings.seconds, settings.sample_every, say)
+        await sampler.every(settings.sample_every, settings.seconds)
         await asyncio.gather(*writers)
+        await sampler.sample()  # the last writes in flight have landed
         _check_state(bytes(state), written)
     finally:
         for client in clients:

@@ -8,6 +8,7 @@ extra); without it they must be reported as skipped.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,12 @@ def run_topic(topic: str, tmp_path: Path, *options: str) -> str:
     return output.read_text(encoding="utf-8")
 
 
+def raw_results(tmp_path: Path, topic: str) -> Any:
+    """What :func:`run_topic` measured, as the topic's ``collect`` returned it."""
+    with (tmp_path / f"{topic}.pickle").open("rb") as file:
+        return pickle.load(file).results[topic]
+
+
 def _all_stopped(servers: list[EtcdServer], workers: list[int]) -> None:
     assert servers, "no etcd was started"
     assert not any(server.member.running for server in servers), "an etcd was left running"
@@ -116,7 +123,7 @@ def test_rendezvous_benchmark_runs(
 
     text = run_topic("rendezvous", tmp_path, "--sizes", "2", "--lever-sizes", "2",
                      "--backoffs", "0.05", "--trials", "1")
-    labels = ["etcd-v3 poll", "c10d", "etcd-v3 poll, backoff 0.05"]
+    labels = ["native", "etcd-v3 poll", "c10d", "etcd-v3 poll, backoff 0.05"]
     labels += ["etcd-v2"] if HAVE_V2 else []
     if rendezvous.watch_unavailable() is None:
         labels += ["etcd-v3 watch", "etcd-v3 watch, backoff 0.05"]
@@ -154,6 +161,62 @@ def test_state_scale_benchmark_runs(
     assert "| 100 |" in text
     assert "| c10d (base64) |" in text
     assert text.count("written and read back") == (4 if HAVE_V2 else 2), text
+    _all_stopped(recorded_servers, [])
+
+
+def test_join_scale_benchmark_ranks_every_agent_once_within_the_write_bound(
+    tmp_path: Path, recorded_servers: list[EtcdServer]
+) -> None:
+    from benchmarks import join_scale
+
+    text = run_topic("join-scale", tmp_path, "--sizes", "6", "--thread-sizes", "3", "4",
+                     "--trials", "1", "--cap", "30", "--connections", "2")
+    results = raw_results(tmp_path, "join-scale")
+    by_harness = {m.harness: m for m in results.measurements if m.n == 6}
+    native = by_harness[join_scale.NATIVE]
+    # The topic checks every rank 0..N-1 held once (else it raises); all 6 were ranked.
+    assert native.ok and native.done == 6
+    # One write per node to join, one to leave; the round's shared writes: its one seal and
+    # the run lease's key.
+    assert native.join_writes == 1.0 and native.leave is not None
+    assert native.leave.revisions == 6
+    assert native.round_writes is not None and native.round_writes <= 2
+    assert (native.seals, native.shared_writes) == (1, 2)
+    assert by_harness[join_scale.FLOOR_JOINS].etcd.revisions == 6
+    assert by_harness[join_scale.FLOOR_FANOUT].etcd.count("events") >= 6
+    assert by_harness[join_scale.RAW_RANKS].etcd.revisions == 0
+    for harness in (join_scale.TORCH_V3, join_scale.TORCH_C10D):
+        ranked = sorted(m.n for m in results.measurements if m.harness == harness and m.ok)
+        assert ranked == [3, 4], (harness, results.measurements)
+    assert "| native | 6 | 1.00 + 1.00 | 2 |" in text
+    assert "at most 2 etcd writes per node per round (join, leave) plus 1 seal" in text
+    _all_stopped(recorded_servers, [])
+
+
+def test_join_scale_check_refuses_a_rank_held_twice() -> None:
+    from benchmarks import join_scale
+    from etcd_rdzv import Admission
+
+    join_scale.check_ranks("x", 3, [Admission(1, rank, 3) for rank in (0, 1, 2)])
+    with pytest.raises(join_scale.RendezvousError, match="not one rendezvous"):
+        join_scale.check_ranks("x", 3, [Admission(1, rank, 3) for rank in (0, 0, 2)])
+
+
+def test_steady_state_benchmark_native_writes_nothing_torch_one_write_per_heartbeat(
+    tmp_path: Path, recorded_servers: list[EtcdServer]
+) -> None:
+    from benchmarks import steady_state
+
+    text = run_topic("steady", tmp_path, "--nodes", "4", "--seconds", "4",
+                     "--keep-alive-interval", "2", "--sample-every", "1", "--writers", "2",
+                     "--connections", "2")
+    results = raw_results(tmp_path, "steady")
+    native, torch = results.case(steady_state.NATIVE), results.case(steady_state.TORCH)
+    assert native.revisions == 0
+    assert native.points[-1].renewals >= 4  # every node renewed its lease
+    assert torch.heartbeats > 0 and torch.revisions == torch.heartbeats
+    assert "| no etcd revision while 4 native nodes heartbeat (steady state) |" in text
+    assert len(recorded_servers) == 2  # a fresh etcd per handler
     _all_stopped(recorded_servers, [])
 
 
