@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import logging
 import math
 import random
 import statistics
@@ -52,7 +53,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,10 @@ class Measurement:
     """torch: every handler's backend calls, summed."""
     refused: int = 0
     """raw: requests etcd refused as "too many requests", resent."""
+    retries: Counter[str] = field(default_factory=Counter)
+    """native: the client's retried requests, by kind (``Joining``, ``Granting``, ...): a
+    request whose attempt outlived ``request_timeout`` is sent again, and a join sent again
+    after its first attempt landed writes the node's key twice."""
     failure: str = ""
 
     @property
@@ -253,6 +258,36 @@ def check_ranks(label: str, n: int, admissions: Sequence[Admission]) -> None:
 # --- the native harness -------------------------------------------------------------------
 
 
+class RetryCounter(logging.Handler):
+    """Counts the retries :class:`~etcd_rdzv.EtcdClient` logs (at debug level), by the first
+    word of what was retried, while installed with :meth:`installed`."""
+
+    LOGGER = "etcd_rdzv._connection"
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.counts: Counter[str] = Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg == "retrying %s: %s" and record.args:
+            what = record.args[0] if isinstance(record.args, tuple) else ""
+            self.counts[str(what).split(" ", 1)[0]] += 1
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[RetryCounter]:
+        logger = logging.getLogger(self.LOGGER)
+        level, propagate = logger.level, logger.propagate
+        logger.addHandler(self)
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False  # debug records stay here
+        try:
+            yield self
+        finally:
+            logger.removeHandler(self)
+            logger.setLevel(level)
+            logger.propagate = propagate
+
+
 async def native_trial(clients: Sequence[EtcdClient], probe: EtcdProbe, n: int,
                        keep_alive_interval: float, trial: int) -> Measurement:
     """N native nodes over ``clients`` rendezvous once, then leave; checked."""
@@ -271,7 +306,8 @@ async def native_trial(clients: Sequence[EtcdClient], probe: EtcdProbe, n: int,
         finished[index] = time.perf_counter() - started
         return admission
 
-    admissions = await asyncio.gather(*(join(index) for index in range(n)))
+    with RetryCounter().installed() as retries:
+        admissions = await asyncio.gather(*(join(index) for index in range(n)))
     cpu = time.process_time() - cpu
     after = probe.sample()
     check_ranks(NATIVE, n, admissions)
@@ -286,7 +322,7 @@ async def native_trial(clients: Sequence[EtcdClient], probe: EtcdProbe, n: int,
     return Measurement(NATIVE, n, trial, max(finished), n, after - before, cpu,
                        sealed=seals[0].sealed_at - wall if seals else None,
                        median=statistics.median(finished), shared_writes=shared,
-                       seals=len(seals), leave=left - after)
+                       seals=len(seals), leave=left - after, retries=retries.counts)
 
 
 # --- etcd's floor, and the native's own requests, on a raw client -------------------------
@@ -635,6 +671,9 @@ def _progress(m: Measurement) -> str:
         text += f", etcd CPU {m.etcd.cpu_seconds:.1f} s, client CPU {m.client_cpu:.1f} s"
     if m.refused:
         text += f", {m.refused} refused and resent"
+    if m.retries:
+        text += ", client retries: " + ", ".join(f"{what} {count}"
+                                                 for what, count in m.retries.most_common())
     return text
 
 
@@ -683,13 +722,14 @@ def etcd_table(results: JoinScaleResults) -> str:
                 _per_node(etcd.count("bytes_in"), n), _per_node(etcd.count("bytes_out"), n),
                 f"{etcd.count('events'):,.0f}", _per_node(etcd.count("ranges"), n, 2),
                 "n/a" if etcd.cpu_seconds is None else f"{etcd.cpu_seconds:.1f}",
-                f"{m.client_cpu:.1f}",
+                f"{m.client_cpu:.1f}", f"{m.refused + sum(m.retries.values()):,}",
                 f"{m.seconds:.2f}" + ("" if m.ok else " (failed)"),
             ])
     return markdown_table(["harness", "N", "etcd writes per node", "shared writes",
                            "bytes to etcd per node", "bytes from etcd per node",
                            "watch events sent", "reads per node", "etcd CPU s",
-                           "client CPU s", "seconds"], rows, "lrrrrrrrrrr")
+                           "client CPU s", "requests resent", "seconds"], rows,
+                          "lrrrrrrrrrrr")
 
 
 def threads_table(results: JoinScaleResults) -> str:
@@ -824,18 +864,27 @@ def facts(results: JoinScaleResults) -> dict[str, str]:
     floor_joins = results.typical(FLOOR_JOINS, n)
     if floor_joins is not None:
         found["scale_floor_client_cpu"] = f"{floor_joins.client_cpu:.1f} s"
+    natives = [m for m in results.measurements if m.harness == NATIVE and m.ok]
+    if natives:
+        worst = max(natives, key=lambda m: m.round_writes or 0.0)
+        revisions = worst.etcd.revisions if worst.etcd is not None else 0
+        found["writes_worst"] = (f"N = {worst.n:,}, trial {worst.trial + 1}: {revisions:,} "
+                                 f"revisions while joining, {worst.shared_writes} of them shared")
+        found["writes_retries"] = ", ".join(
+            f"{what} {count}" for what, count in worst.retries.most_common()) or "none"
     return found
 
 
 def plot(results: JoinScaleResults, directory: Path) -> list[Path]:
     plt = _plots.pyplot()
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5.6))
     lines = [(NATIVE, _plots.COLORS["native"], "o", "-"),
              ("floor", _plots.COLORS["raw"], "s", "--"),
              (RAW_JOINS, _plots.COLORS["native"], "^", ":"),
              (RAW_RANKS, _plots.COLORS["native"], "v", ":"),
              (TORCH_V3, _plots.COLORS["etcd-v3"], "o", "-"),
              (TORCH_C10D, _plots.COLORS["c10d"], "o", "-")]
+    stop_markers = {TORCH_V3: "x", TORCH_C10D: "+"}
     ns = sorted({m.n for m in results.measurements})
     for label, color, marker, style in lines:
         xs, ys, lows, highs = [], [], [], []
@@ -847,39 +896,41 @@ def plot(results: JoinScaleResults, directory: Path) -> list[Path]:
             ys.append(spread.median)
             lows.append(spread.median - spread.low)
             highs.append(spread.high - spread.median)
-        name = "etcd's floor (grants + puts, fan-out)" if label == "floor" else label
+        name = "etcd's floor (grants + puts, then fan-out)" if label == "floor" else label
         if xs:
             left.errorbar(xs, ys, yerr=[lows, highs], marker=marker, linestyle=style,
                           color=color, capsize=3, label=name)
-        if label in TORCH_KINDS:
+        if label in stop_markers:
             _largest_ok, stopped = results.reached(label)
             if stopped is not None:
-                left.scatter([stopped.n], [results.cap], marker="x", s=80, color=color,
-                             zorder=5, label=f"{label}: stopped (cap {results.cap:g} s)")
+                left.scatter([stopped.n], [results.cap], marker=stop_markers[label], s=120,
+                             color=color, zorder=5,
+                             label=f"{label}: stopped, not ranked within {results.cap:g} s")
     left.set_xscale("log")
     left.set_yscale("log")
     left.set_xlabel("agents N (min = max = N), one process")
     left.set_ylabel("seconds until every agent holds its rank")
-    left.grid(alpha=0.3, which="both")
-    left.legend(fontsize=7)
-    for label, color in ((NATIVE, _plots.COLORS["native"]),
+    left.set_title("Time", fontsize=10)
+    for label, color in ((NATIVE, _plots.COLORS["native"]), (FLOOR_JOINS, _plots.COLORS["raw"]),
                          (TORCH_V3, _plots.COLORS["etcd-v3"])):
-        xs, ys = [], []
-        for n in ns:
-            m = results.typical(label, n)
-            if m is not None and m.ok and m.round_writes is not None:
-                xs.append(n)
-                ys.append(m.round_writes)
-        if xs:
-            right.plot(xs, ys, marker="o", color=color, label=label)
-    right.axhline(WRITES_PER_NODE, color="#7f7f7f", linestyle="--",
-                  label=f"target: {WRITES_PER_NODE} per node per round")
+        for direction, style in (("bytes_in", "-"), ("bytes_out", ":")):
+            xs, ys = [], []
+            for n in ns:
+                m = results.typical(label, n)
+                if m is not None and m.ok and m.etcd is not None:
+                    xs.append(n)
+                    ys.append(m.etcd.count(direction) / n)
+            if xs:
+                right.plot(xs, ys, marker="o", linestyle=style, color=color,
+                           label=f"{label}, {'to' if direction == 'bytes_in' else 'from'} etcd")
     right.set_xscale("log")
     right.set_yscale("log")
     right.set_xlabel("agents N")
-    right.set_ylabel("etcd writes (revisions) per agent")
-    right.grid(alpha=0.3, which="both")
-    right.legend(fontsize=7)
+    right.set_ylabel("bytes per agent (etcd's gRPC counters)")
+    right.set_title("Bytes to and from etcd per agent, to rank it", fontsize=10)
+    for axes in (left, right):
+        axes.grid(alpha=0.3, which="both")
+        axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     figure.suptitle("N agents in one process: the native rendezvous, etcd's floor, "
                     "torch's handler as threads")
     return [_plots.save(figure, directory / "join_scale.png")]
