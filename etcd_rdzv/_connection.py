@@ -317,13 +317,14 @@ class _KeepAliveStream:
         if self._stream is stream:
             self._stream = None
         waiters, self._waiters = self._waiters, {}
+        if isinstance(error, asyncio.CancelledError):
+            # The stream was closed (a reconnect): the renewals waiting on it failed, they
+            # were not cancelled; their callers retry on the next channel.
+            error = UnavailableError("The lease keep-alive stream was closed (reconnecting).")
         for answers in waiters.values():
             for answer in answers:
                 if not answer.done():
-                    if isinstance(error, asyncio.CancelledError):
-                        answer.cancel()
-                    else:
-                        answer.set_exception(error)
+                    answer.set_exception(error)
 
     async def close(self) -> None:
         """End the stream and wait for its reader: no call may outlive the event loop."""

@@ -356,6 +356,10 @@ class _ControlFeed:
         self.changed.set()
         self.changed = asyncio.Event()
 
+    def wake(self) -> None:
+        """Wake every waiting node to look again (a node's own lease was lost)."""
+        self._notify()
+
     async def _watch(self, client: EtcdClient) -> None:
         """Keep the mirror current: one watch, resumed after every break."""
         prefix = self._keys.control_prefix
@@ -377,6 +381,11 @@ class _ControlFeed:
                     await self._load(Deadline.after(client.config.read_timeout))
             except EtcdConnectionError as exc:
                 log.debug("the control watch of %r broke (%s); resuming", self._keys.run_id, exc)
+            except Exception as exc:  # the mirror must outlive a bad value
+                log.warning("the control watch of %r failed (%s); reading the keys afresh",
+                            self._keys.run_id, exc)
+                with contextlib.suppress(Exception):
+                    await self._load(Deadline.after(client.config.read_timeout))
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _WATCH_BACKOFF_MAX)
 
@@ -553,27 +562,30 @@ class AsyncNativeRendezvous:
         unreachable_since: float | None = None
         run_lease_every = run_lease_renewal_period(settings)
         run_lease_renewed = -math.inf
+        # At least three renewals per TTL, so that one late renewal never lets it lapse.
+        every = min(settings.keep_alive_interval, settings.node_ttl / 3)
         while True:
-            await asyncio.sleep(settings.keep_alive_interval)
+            await asyncio.sleep(every)
             deadline = Deadline.after(settings.heartbeat_timeout)
             try:
-                if self._node_lease and \
-                        await self._client.keep_alive(self._node_lease, deadline) <= 0:
+                lease = self._node_lease
+                if lease and await self._client.keep_alive(lease, deadline) <= 0 \
+                        and self._node_lease == lease:
                     log.warning("The lease of node %s in run %r expired (etcd lost it, or the "
-                                "node missed %d keep-alives); it takes a new one when it next "
-                                "joins.", self._node, self._keys.run_id,
+                                "node missed %d keep-alives); it joins again with a new one.",
+                                self._node, self._keys.run_id,
                                 settings.keep_alive_max_attempt)
                     self._node_lease = 0
+                    self._feed.wake()  # a waiting node re-joins at once
                 if self._control.run_lease and \
                         time.monotonic() - run_lease_renewed >= run_lease_every:
                     await self._client.keep_alive(self._control.run_lease, deadline)
                     run_lease_renewed = time.monotonic()
-            except EtcdConnectionError as exc:
+            except Exception as exc:  # this loop must outlive every failure
                 if unreachable_since is None:
                     unreachable_since = time.monotonic()
                     log.warning("etcd is unreachable; node %s keeps training and retries its "
-                                "keep-alive every %g s (%s)", self._node,
-                                settings.keep_alive_interval, exc)
+                                "keep-alive every %g s (%s)", self._node, every, exc)
                 continue
             if unreachable_since is not None:
                 log.warning("etcd is reachable again after %.0f s; node %s kept its lease",
@@ -603,6 +615,7 @@ class AsyncNativeRendezvous:
         self._standby = False
         seal_at = math.inf
         check_at = 0.0
+        unreachable: EtcdConnectionError | None = None
         while True:
             changed = self._changed
             if self._control.closed:
@@ -611,33 +624,63 @@ class AsyncNativeRendezvous:
                     raise StandbyExitError(f"The rendezvous {self._keys.run_id!r} is closed, "
                                            "terminating pending rendezvous.")
                 raise RunClosedError(f"The rendezvous {self._keys.run_id!r} is closed.")
-            seal = self._control.seals.get(self._round)
-            if seal is not None:
-                admission = await self._admit(seal)
-                if admission is not None:
-                    self._admission = admission
-                    return admission
-                self._standby = seal.size >= settings.max_nodes
-                counts = await self._join(self._round + 1)
-                seal_at, check_at = math.inf, 0.0
-                continue
             now = time.monotonic()
-            if now >= give_up_at:
-                await self._leave_round()
-                raise JoinTimeoutError(
-                    f"The node {self._node} was not admitted to a round of the rendezvous "
-                    f"{self._keys.run_id!r} within join_timeout={settings.join_timeout:g} s.")
-            if now >= seal_at:
-                if not await self._seal(self._round):
-                    seal_at = math.inf  # too few nodes now; the next check decides again
-                check_at = 0.0
-                continue
-            if now >= check_at:
-                seal_at = min(seal_at, await self._check_round(now, counts))
-                counts = None  # the join's counts are used once; later checks read afresh
-                check_at = now + settings.keep_alive_interval
-                if seal_at <= now:
+            if now >= give_up_at and self._round not in self._control.seals:
+                if self._standby:
+                    # As torch's redundancy list: a standby waits without a deadline, and
+                    # gets a whole join_timeout once it stops standing by.
+                    give_up_at = now + settings.join_timeout
+                else:
+                    await self._leave_round()
+                    raise JoinTimeoutError(
+                        f"The node {self._node} was not admitted to a round of the rendezvous "
+                        f"{self._keys.run_id!r} within join_timeout={settings.join_timeout:g} "
+                        "s." + (f" etcd did not answer: {unreachable}" if unreachable else ""))
+            try:
+                seal = self._control.seals.get(self._round)
+                latest = max(self._control.seals, default=0)
+                if (seal is None and latest >= self._round) or not self._node_lease:
+                    # The run moved on while this node's mirror lagged, or its lease expired
+                    # (its key with it): join the open round afresh.
+                    counts = await self._join(max(latest, self._round - 1) + 1)
+                    seal_at, check_at = math.inf, 0.0
                     continue
+                if seal is not None:
+                    admission = await self._admit(seal)
+                    if admission is not None:
+                        self._admission = admission
+                        return admission
+                    was_standby = self._standby
+                    self._standby = seal.size >= settings.max_nodes
+                    if was_standby and not self._standby:
+                        give_up_at = time.monotonic() + settings.join_timeout
+                    counts = await self._join(self._round + 1)
+                    seal_at, check_at = math.inf, 0.0
+                    continue
+                if now >= seal_at:
+                    if not await self._seal(self._round):
+                        seal_at = math.inf  # too few nodes now; the next check decides again
+                    check_at = 0.0
+                    continue
+                if now >= check_at:
+                    was_standby = self._standby
+                    seal_at = min(seal_at, await self._check_round(now, counts))
+                    if was_standby and not self._standby:
+                        give_up_at = time.monotonic() + settings.join_timeout
+                    counts = None  # the join's counts are used once; later checks read afresh
+                    check_at = now + settings.keep_alive_interval
+                    if seal_at <= now:
+                        continue
+                unreachable = None
+            except EtcdConnectionError as exc:
+                # etcd away: a waiting node keeps waiting (until join_timeout), as the
+                # training nodes keep training; it looks again on the next tick.
+                if unreachable is None:
+                    log.warning("etcd is unreachable; node %s keeps waiting for a round of "
+                                "%r (%s)", self._node, self._keys.run_id, exc)
+                unreachable = exc
+                counts, check_at = None, now + settings.keep_alive_interval
+                seal_at = max(seal_at, check_at) if seal_at < math.inf else seal_at
             wake_at = min(give_up_at, seal_at, check_at)
             waiter = asyncio.ensure_future(changed.wait())
             try:
@@ -663,8 +706,13 @@ class AsyncNativeRendezvous:
             room = previous.size < settings.max_nodes or members_left < previous.size
             self._standby = not room
             if room and round_ not in self._control.waiting:
-                await self._client.put(self._keys.waiting(round_), self._node.name,
-                                       self._node_lease, self._deadline())
+                # Create-only: N waiters racing make one marker, one ctl/ event.
+                marker = self._keys.waiting(round_)
+                await self._client.txn_idempotent(rpc.TxnRequest(
+                    compare=[Expect.absent().compare(marker)],
+                    success=[rpc.RequestOp(request_put=rpc.PutRequest(
+                        key=marker, value=self._node.name, lease=self._node_lease))],
+                ), self._deadline(), f"Marking round {round_} as awaited")
             return math.inf
         if joined >= settings.max_nodes:
             return now
@@ -739,12 +787,30 @@ class AsyncNativeRendezvous:
         """This node's rank in the sealed round, or None when the roster left it out."""
         key = self._member_key
         assert key is not None
-        if self._member_revision > seal.cutoff and \
-                not await self._count(key, end=b"", revision=seal.cutoff):
-            return None  # joined after the cutoff (a resent join may show a later revision)
-        rank = await self._count(self._keys.round_prefix(seal.round), end=key,
-                                 revision=seal.cutoff)
-        return Admission(seal.round, rank, seal.size)
+        prefix = self._keys.round_prefix(seal.round)
+        # One read at the cutoff: is this node's key in the roster (it may have joined after
+        # the cutoff, or lost its key with an expired lease before it), and how many roster
+        # keys sort before it.
+        try:
+            response = await self._client.txn_idempotent(rpc.TxnRequest(success=[
+                rpc.RequestOp(request_range=rpc.RangeRequest(
+                    key=key, count_only=True, revision=seal.cutoff,
+                    max_create_revision=seal.cutoff)),
+                rpc.RequestOp(request_range=rpc.RangeRequest(
+                    key=prefix, range_end=key, count_only=True, revision=seal.cutoff,
+                    max_create_revision=seal.cutoff)),
+            ]), self._deadline(), f"Reading this node's rank in round {seal.round}")
+        except CompactedError as exc:
+            raise CompactedError(
+                f"Round {seal.round} of {self._keys.run_id!r} was sealed at revision "
+                f"{seal.cutoff}, which etcd compacted before this node read its rank: keep "
+                "etcd's --auto-compaction-retention above a minute, and compact_interval off "
+                f"for torch-handler runs on the same etcd ({exc})", exc.compact_revision,
+            ) from exc
+        mine, before = (int(op.response_range.count) for op in response.responses)
+        if not mine:
+            return None
+        return Admission(seal.round, before, seal.size)
 
     async def _seal(self, round_: int) -> bool:
         """Try to seal ``round_`` with the nodes that joined it; True if it is sealed now."""
@@ -768,6 +834,9 @@ class AsyncNativeRendezvous:
             f"Sealing round {round_} of {self._keys.run_id!r}", lease=self._run_lease,
             tagged=True,
         )
+        if not result.applied and result.value is not None:
+            # Another node sealed it: take its seal now rather than wait for the watch.
+            self._control.seals.setdefault(round_, Seal.decode(result.value))
         if result.applied:
             log.info("node %s sealed round %d of %r with %d nodes", self._node, round_,
                      self._keys.run_id, joined)
@@ -848,9 +917,11 @@ class AsyncNativeRendezvous:
         """
         try:
             await self.set_closed()
-            await self.leave()
         except EtcdConnectionError as exc:
             log.warning("The node %s failed to shut down the rendezvous %r: %s", self._node,
                         self._keys.run_id, exc)
             return False
+        finally:
+            with contextlib.suppress(EtcdConnectionError):
+                await self.leave()
         return True

@@ -69,11 +69,12 @@ class Portal:
             cls._inherited.append(cls._current)
         cls._current = None
 
-    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float) -> T:
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None) -> T:
         """Run ``coroutine`` on the loop thread and return its result.
 
-        The coroutine is cancelled if ``timeout`` seconds pass (raising :class:`TimeoutError`)
-        or if the waiting thread is interrupted.
+        The coroutine is cancelled if ``timeout`` seconds pass (raising :class:`TimeoutError`;
+        None: no limit, the coroutine keeps its own deadlines) or if the waiting thread is
+        interrupted.
         """
         if threading.current_thread() is self._thread:
             coroutine.close()
@@ -94,7 +95,7 @@ class Portal:
 os.register_at_fork(after_in_child=Portal._forget_after_fork)
 
 
-def run_for_torch(coroutine: Coroutine[Any, Any, T], seconds: float) -> T:
+def run_for_torch(coroutine: Coroutine[Any, Any, T], seconds: float | None) -> T:
     """Run ``coroutine`` on this process's portal for the torch faces, mapping errors once:
 
     * :class:`~etcd_rdzv.errors.StoreTimeoutError` → ``torch.distributed.DistStoreError``
@@ -110,7 +111,8 @@ def run_for_torch(coroutine: Coroutine[Any, Any, T], seconds: float) -> T:
     * :class:`~etcd_rdzv.errors.HandlerMismatchError` → ``RendezvousError``.
 
     ``seconds`` is the deadline the coroutine keeps itself (``read_timeout``, plus the
-    store's wait); the portal's own timeout only catches a coroutine that fails to.
+    store's wait); the portal's own timeout only catches a coroutine that fails to. None:
+    the coroutine may wait without a limit (a standby node).
     """
     from torch.distributed import DistStoreError
     from torch.distributed.elastic.rendezvous.api import (
@@ -123,7 +125,7 @@ def run_for_torch(coroutine: Coroutine[Any, Any, T], seconds: float) -> T:
     )
 
     try:
-        return Portal.get().run(coroutine, seconds + _PORTAL_GRACE)
+        return Portal.get().run(coroutine, None if seconds is None else seconds + _PORTAL_GRACE)
     except StoreTimeoutError as exc:
         raise DistStoreError(str(exc)) from exc
     except (EtcdConnectionError, TimeoutError) as exc:

@@ -51,7 +51,6 @@ class NativeRendezvousHandler(RendezvousHandler):
     def __init__(self, rendezvous: AsyncNativeRendezvous, store: EtcdStore) -> None:
         self._async = rendezvous
         self._store = store
-        self._seconds = rendezvous.settings.join_timeout
         self._read_seconds = store.async_store.client.config.read_timeout
         self._shared_store_server: TCPStore | None = None
 
@@ -85,8 +84,9 @@ class NativeRendezvousHandler(RendezvousHandler):
         self._record(message, method="next_rendezvous")
         log.info(message)
         try:
-            admission = run_for_torch(self._async.next_rendezvous(),
-                                      self._seconds + self._read_seconds)
+            # No limit here: the core keeps join_timeout itself, and a standby (beyond
+            # max_nodes) waits without one, as in torch's handler.
+            admission = run_for_torch(self._async.next_rendezvous(), None)
         except Exception as exc:
             self._record(f"{type(exc).__name__}: {exc}", NodeState.FAILED,
                          method="next_rendezvous")
