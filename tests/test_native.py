@@ -452,3 +452,24 @@ async def test_the_leader_killed_while_16_nodes_join_ranks_each_once() -> None:
             assert {(a.world_size, a.round) for a in admissions} == {(16, 1)}
         finally:
             await made.close()
+
+
+async def test_a_node_whose_lease_expired_is_not_ranked_with_the_next_ones(
+        nodes: Nodes, etcd_client: EtcdClient, run_keys: RunKeys) -> None:
+    first = nodes.add(min_nodes=2, max_nodes=2)
+    joining = asyncio.create_task(first.next_rendezvous())
+    key = run_keys.member(1, first.node.name)
+    for _ in range(50):
+        if await exists(etcd_client, key):
+            break
+        await asyncio.sleep(0.1)
+    lease = (await etcd_client.get(key, Deadline.after(5))).kvs[0].lease
+    assert await etcd_client.revoke_lease(lease, Deadline.after(5))  # as if it expired
+    later = [nodes.add(min_nodes=2, max_nodes=2) for _ in range(2)]
+    admissions = await join_all(later)
+    assert sorted(a.rank for a in admissions) == [0, 1]
+    await asyncio.sleep(1.0)  # the first node notices its lost lease and joins again
+    assert not joining.done()  # not ranked in round 1: it stands by for the next round
+    await later[0].set_closed()
+    with pytest.raises(StandbyExitError):
+        await asyncio.wait_for(joining, 10)
