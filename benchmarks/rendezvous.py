@@ -672,13 +672,14 @@ def native_verdicts(results: RendezvousResults) -> list[Verdict]:
         f"{(spread.median / NATIVE_SECONDS - 1) * 100:.0f}% over {NATIVE_SECONDS:g} s")]
     ratios = [(n, r) for n in NATIVE_C10D_N if (r := results.paired(NATIVE, C10D, n)) is not None]
     over = [(n, r) for n, r in ratios if r.median > NATIVE_C10D_TARGET]
+    unmeasured = [n for n in NATIVE_C10D_N if n not in dict(ratios)]
     out.append(Verdict(
         "native c10d", f"native time to rendezvous at most {NATIVE_C10D_TARGET:g}x c10d's at "
         f"N = {' and '.join(map(str, NATIVE_C10D_N))}",
-        ", ".join(f"N={n}: {r.format()}x" for n, r in ratios) or "n/a",
-        None if len(ratios) < len(NATIVE_C10D_N) else not over,
-        "; ".join(f"N={n}: {r.median:.2f}x" for n, r in over)
-        or ("" if ratios else "not measured")))
+        ", ".join([f"N={n}: {r.format()}x" for n, r in ratios]
+                  + [f"N={n}: not measured" for n in unmeasured]),
+        None if unmeasured else not over,
+        "; ".join(f"N={n}: {r.median:.2f}x" for n, r in over)))
     return out
 
 

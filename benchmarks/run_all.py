@@ -1,10 +1,11 @@
 """Any set of benchmark topics in one run, written up as one Markdown report with plots.
 
-    python -m benchmarks [--quick] [--only calls rendezvous contention scale store growth]
+    python -m benchmarks [--quick] [--only calls rendezvous contention scale store
+                                           join-scale steady growth]
                          [--output PATH] [--images DIR] [--raw PATH] [--render-only]
     python -m benchmarks.<module> [--quick] [the topic's options] [--output PATH] ...
 
-``python -m benchmarks`` (``make bench``) runs the five published topics and writes
+``python -m benchmarks`` (``make bench``) runs the seven published topics and writes
 ``docs/benchmarks.md`` and ``docs/img/benchmarks/*.png``; ``--quick`` (``make bench-quick``, a
 few minutes) writes ``benchmarks/results/benchmarks-quick.md`` and its plots beside it, so
 that a quick run never replaces the published figures. ``python -m benchmarks.<module>`` runs
