@@ -714,6 +714,8 @@ def etcd_table(results: JoinScaleResults) -> str:
                 continue
             etcd = m.etcd
             writes = f"{m.join_writes:.2f}" if m.join_writes is not None else "n/a"
+            if harness == FLOOR_FANOUT:
+                writes = f"{etcd.revisions} in all"  # the one put that is fanned out
             if m.leave is not None:
                 writes += f" + {m.leave.revisions / n:.2f}"
             rows.append([
@@ -826,7 +828,7 @@ def verdicts(results: JoinScaleResults) -> list[Verdict]:
             f"shared: {worst.seals} seal + {worst.shared_writes - worst.seals} other "
             "(the run lease's key, once per run)",
             writes <= WRITES_PER_NODE and worst.seals <= 1,
-            f"{writes:.2f} per node, {worst.seals} seals"))
+            f"{writes:.2f} per node" + (f", {worst.seals} seals" if worst.seals > 1 else "")))
     return out
 
 
