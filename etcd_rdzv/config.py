@@ -272,6 +272,12 @@ class EtcdConfig:
         return ",".join(str(e) for e in self.endpoints)
 
     @property
+    def probe_timeout(self) -> float:
+        """How long a new connection waits for etcd's first answer: ``connect_timeout``, at
+        most ``read_timeout``."""
+        return min(self.connect_timeout, self.read_timeout)
+
+    @property
     def uses_tls(self) -> bool:
         return self.protocol == "https"
 

@@ -616,6 +616,7 @@ class AsyncNativeRendezvous:
         seal_at = math.inf
         check_at = 0.0
         unreachable: EtcdConnectionError | None = None
+        stood_by = False
         while True:
             changed = self._changed
             if self._control.closed:
@@ -625,6 +626,9 @@ class AsyncNativeRendezvous:
                                            "terminating pending rendezvous.")
                 raise RunClosedError(f"The rendezvous {self._keys.run_id!r} is closed.")
             now = time.monotonic()
+            if stood_by and not self._standby:
+                give_up_at = now + settings.join_timeout  # no longer a standby: a whole one
+            stood_by = self._standby
             if now >= give_up_at and self._round not in self._control.seals:
                 if self._standby:
                     # As torch's redundancy list: a standby waits without a deadline, and
@@ -650,10 +654,7 @@ class AsyncNativeRendezvous:
                     if admission is not None:
                         self._admission = admission
                         return admission
-                    was_standby = self._standby
                     self._standby = seal.size >= settings.max_nodes
-                    if was_standby and not self._standby:
-                        give_up_at = time.monotonic() + settings.join_timeout
                     counts = await self._join(self._round + 1)
                     seal_at, check_at = math.inf, 0.0
                     continue
@@ -663,10 +664,7 @@ class AsyncNativeRendezvous:
                     check_at = 0.0
                     continue
                 if now >= check_at:
-                    was_standby = self._standby
                     seal_at = min(seal_at, await self._check_round(now, counts))
-                    if was_standby and not self._standby:
-                        give_up_at = time.monotonic() + settings.join_timeout
                     counts = None  # the join's counts are used once; later checks read afresh
                     check_at = now + settings.keep_alive_interval
                     if seal_at <= now:

@@ -65,7 +65,7 @@ def _create_backend(config: RendezvousConfig) -> tuple[EtcdRendezvousBackend, St
     core = AsyncEtcdRendezvousBackend.from_config(client, config)
     keys = RunKeys(config.run_id, config.key_prefix)
     # One read: etcd answers, and the run is not a native one.
-    probe_seconds = min(config.etcd.connect_timeout, config.etcd.read_timeout)
+    probe_seconds = config.etcd.probe_timeout
     run_for_torch(refuse_native_run(client, keys, Deadline.after(probe_seconds)), probe_seconds)
     return EtcdRendezvousBackend(core), EtcdStore(AsyncEtcdStore(client, keys.store_prefix,
                                                                  core.lease))
@@ -89,7 +89,7 @@ def _create_native_handler(config: RendezvousConfig,
     keys = RunKeys(config.run_id, config.key_prefix)
     rendezvous = AsyncNativeRendezvous(client, keys, settings,
                                        NodeId.generate(params.local_addr))
-    probe_seconds = min(config.etcd.connect_timeout, config.etcd.read_timeout)
+    probe_seconds = config.etcd.probe_timeout
     run_for_torch(rendezvous.start(), probe_seconds)
     # The store's keys (MASTER_ADDR, the agents' barriers) live on the run lease: as long as
     # a node of the run lives, however long it trains without writing.
