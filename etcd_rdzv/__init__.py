@@ -47,6 +47,7 @@ if TYPE_CHECKING:
         StandbyExitError,
         StateTooLargeError,
         StoreTimeoutError,
+        TransientError,
         UnavailableError,
     )
     from .keys import RunKeys
@@ -89,6 +90,7 @@ _WHERE = {
     "NodeId": ".native",
     "StateTooLargeError": ".errors",
     "StoreTimeoutError": ".errors",
+    "TransientError": ".errors",
     "UnavailableError": ".errors",
     "RendezvousAdmin": ".admin",
     "NativeEvent": ".admin",
@@ -141,6 +143,7 @@ __all__ = [
     "StateSnapshot",
     "StateTooLargeError",
     "StoreTimeoutError",
+    "TransientError",
     "UnavailableError",
     "create_backend",
     "create_handler",

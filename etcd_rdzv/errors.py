@@ -3,8 +3,9 @@
 Read this module to learn what can go wrong. The hierarchy::
 
     EtcdRendezvousError
-    ├── EtcdConnectionError          etcd not reached, or no answer within the deadline
-    │   ├── UnavailableError         one attempt failed in a way that may pass
+    ├── EtcdConnectionError          etcd did not do what was asked
+    │   ├── TransientError           ... for a cause that can pass by waiting
+    │   │   └── UnavailableError     unreachable, no answer in time, leader changing
     │   ├── LeaseNotFoundError       a write named a lease etcd no longer has
     │   ├── EtcdTLSError             TLS is misconfigured: retrying cannot help
     │   └── EtcdAuthError            credentials or permissions refused
@@ -19,6 +20,14 @@ Read this module to learn what can go wrong. The hierarchy::
     │   └── StandbyExitError         ... and this node only stood by: it may exit cleanly
     └── JoinTimeoutError             no round admitted this node within join_timeout
     EtcdStartError                   the test harness could not start etcd (RuntimeError)
+
+**Transient or permanent.** A :class:`TransientError` can heal by waiting (etcd is
+unreachable, did not answer in time, has no leader): code that waits, retries, or keeps going
+through an outage catches :class:`TransientError` and nothing wider. Every other
+:class:`EtcdConnectionError` is permanent: a refused credential or permission, a TLS
+misconfiguration, a lease etcd no longer has, etcd out of space, a watch etcd canceled for
+a reason that does not pass, a forked process that cannot use gRPC. Waiting does not cure
+those, so they surface at once with their own message, whatever deadline is left.
 
 The torch face maps them onto torch's classes in one function,
 :func:`etcd_rdzv.elastic._portal.run_for_torch`: :class:`EtcdConnectionError` becomes
@@ -47,6 +56,7 @@ __all__ = [
     "StandbyExitError",
     "StateTooLargeError",
     "StoreTimeoutError",
+    "TransientError",
     "UnavailableError",
 ]
 
@@ -56,15 +66,26 @@ class EtcdRendezvousError(Exception):
 
 
 class EtcdConnectionError(EtcdRendezvousError):
-    """etcd could not be reached, or did not answer within the operation's deadline.
+    """etcd did not do what was asked: it could not be reached, did not answer within the
+    operation's deadline, or refused (see the subclasses).
 
-    Raised only after the operation's retries are spent. A write that ends with this error
-    may or may not have been applied: read the state to find out.
+    Only a :class:`TransientError` can pass by waiting; the others are permanent. A write
+    that ends with this error may or may not have been applied: read the state to find out.
     """
 
 
-class UnavailableError(EtcdConnectionError):
-    """One attempt failed in a way that may pass (UNAVAILABLE, DEADLINE_EXCEEDED).
+class TransientError(EtcdConnectionError):
+    """etcd could not be reached or did not answer in time, for a cause that can pass by
+    waiting (a member down, a network partition, a leader election, an overloaded cluster).
+
+    Raised when the operation's retries are spent. A loop that waits for something may
+    catch it and go on; a write that ends with it may or may not have been applied.
+    """
+
+
+class UnavailableError(TransientError):
+    """An attempt failed in a way that may pass (UNAVAILABLE, DEADLINE_EXCEEDED, no leader,
+    a broken watch stream), or every attempt did until the deadline.
 
     For a write the outcome is unknown: it may have been applied.
     """
@@ -73,7 +94,7 @@ class UnavailableError(EtcdConnectionError):
 class LeaseNotFoundError(EtcdConnectionError):
     """A write named a lease etcd does not have (expired, revoked, or lost in a restore).
 
-    The write was not applied.
+    The write was not applied. Permanent: the lease will not come back; grant a new one.
     """
 
 
@@ -83,7 +104,10 @@ class EtcdTLSError(EtcdConnectionError):
 
 
 class EtcdAuthError(EtcdConnectionError):
-    """etcd refused the credentials, or the user may not access the key prefix."""
+    """etcd refused the credentials, or the user may not access the key prefix.
+
+    Permanent: an operator must change the credentials or grant the role.
+    """
 
 
 class EtcdStateError(EtcdRendezvousError):
