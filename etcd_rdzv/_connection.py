@@ -11,9 +11,16 @@ responses this module returns; none of them sends anything itself. The policy it
 * **Deadlines.** Every RPC carries one: ``request_timeout`` for an attempt, capped by what
   is left of the operation's :class:`Deadline` (``read_timeout``).
 * **Retries.** Explicit per call (:meth:`EtcdClient._unary`'s ``idempotent``): reads and
-  writes that are safe to repeat retry transient errors (UNAVAILABLE, DEADLINE_EXCEEDED)
-  until the deadline. A compare-and-swap is attempted once: :meth:`EtcdClient.txn_once`
-  raises :class:`UnavailableError` and :mod:`etcd_rdzv.cas` resolves it by reading.
+  writes that are safe to repeat retry transient errors (UNAVAILABLE, DEADLINE_EXCEEDED,
+  no leader) until the deadline, then raise :class:`UnavailableError`, a
+  :class:`TransientError`. A compare-and-swap is attempted once:
+  :meth:`EtcdClient.txn_once` raises :class:`UnavailableError` and :mod:`etcd_rdzv.cas`
+  resolves it by reading. Permanent errors (auth, TLS, a lost lease, no space) are never
+  retried: they raise at once whatever deadline is left.
+* **Watches.** :meth:`EtcdClient.follow` is the one resumable watch: every change from a
+  revision on, in order, resumed after a break from the revision after the last change
+  seen, for as long as its caller iterates; compaction raises :class:`CompactedError`.
+  :meth:`EtcdClient.watch` is the single stream under it.
 * **Re-login.** An expired auth token (UNAUTHENTICATED) reconnects, which authenticates
   again, and repeats the attempt once: a rejected request was never applied.
 * **Errors.** gRPC status codes become :mod:`etcd_rdzv.errors` in one function.
@@ -24,10 +31,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import operator
 import os
 import random
 import socket
+import sys
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
@@ -46,10 +55,12 @@ from .errors import (
     EtcdRendezvousError,
     EtcdTLSError,
     LeaseNotFoundError,
+    TransientError,
     UnavailableError,
 )
 
-__all__ = ["EtcdClient", "KeyChange", "LeaseStatus", "MemberStatus", "WatchEvent"]
+__all__ = ["UNTIL_CANCELLED", "EtcdClient", "KeyChange", "LeaseStatus", "MemberStatus",
+           "WatchEvent"]
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +90,37 @@ _TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADL
 #: server-side timeout while the cluster is busy).
 _TRANSIENT_DETAILS = ("context deadline exceeded", "request timed out", "leader changed",
                       "no leader", "too many requests")
+#: The pause between attempts of a unary call, seconds, doubling from the first to the
+#: second (with jitter). Short: a call has only its deadline (read_timeout) to succeed, and
+#: a failover or a leader election usually ends within a second.
 _RETRY_BACKOFF_INITIAL = 0.05
+_RETRY_BACKOFF_MAX = 0.5
+#: The pause between reopenings of a broken watch (:meth:`EtcdClient.follow`), seconds,
+#: doubling from the first to the second (with jitter). Longer than a call's: a follow has
+#: no deadline and may wait out an outage of hours; every node of a run follows keys, and
+#: a few thousand followers reconnecting more often than every 2 s would load a cluster
+#: that is just coming back. Short at first, so a failover costs a watch ~0.1 s.
+_FOLLOW_BACKOFF_INITIAL = 0.1
+_FOLLOW_BACKOFF_MAX = 2.0
 #: What a stream's read() returns at its end (grpc-stubs does not declare it).
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
-_RETRY_BACKOFF_MAX = 0.5
 #: How long closing waits for a cancelled stream's reader to end, seconds.
 _CLOSE_WAIT = 1.0
 
+
+
+#: The deadline of a call that retries transient failures for as long as its caller waits:
+#: the caller bounds it by cancelling (a read that starts or restarts a follow). Permanent
+#: errors still raise at once.
+UNTIL_CANCELLED = Deadline(math.inf, math.inf)
+
+
+def _task_cancelling() -> bool:
+    """Whether the running task is being cancelled (known from Python 3.11 on)."""
+    if sys.version_info >= (3, 11):
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() > 0
+    return False
 
 
 @dataclass(frozen=True)
@@ -648,21 +683,84 @@ class EtcdClient:
     async def watch(self, key: bytes, start_revision: int, deadline: Deadline, *,
                     range_end: bytes = b"") -> AsyncGenerator[WatchEvent, None]:
         """The changes of ``key`` (of every key in ``[key, range_end)`` when ``range_end``
-        is given) from ``start_revision`` on, for as long as the stream lasts.
+        is given) from ``start_revision`` on, for as long as one stream lasts.
 
-        Unlike :meth:`next_change`, the watch has a gRPC stream of its own, meant to stay
-        open. Opening it (connecting, etcd confirming the watch) is retried within
-        ``deadline``; after that the stream has no deadline: it yields each change as etcd
-        reports it, and a stalled connection is noticed by the channel's keepalive pings. To
-        resume after an error, watch again from the revision after the last change seen.
+        The raw primitive under :meth:`follow`, which is what a caller that must not miss
+        a change wants. The watch has a gRPC stream of its own, meant to stay open. Opening
+        it (connecting, etcd confirming the watch) is retried within ``deadline``; after
+        that the stream has no deadline: it yields each change as etcd reports it, and a
+        stalled connection is noticed by the channel's keepalive pings.
 
         Raises:
             UnavailableError: the watch could not be opened within ``deadline``, or the
                 stream broke or ended; resume from the last revision seen + 1.
             CompactedError: etcd no longer has ``start_revision``; read the key instead.
             EtcdAuthError: the credentials or the permissions were refused.
+            EtcdTLSError: the TLS setup cannot work.
         """
-        what = f"Watching {key.decode(errors='replace')!r}"
+        async with contextlib.aclosing(self._watch_stream(
+                key, start_revision, range_end, lambda what, opener: self._retrying(
+                    what, opener, deadline))) as events:
+            async for event in events:
+                yield event
+
+    async def follow(self, key: bytes, from_revision: int, *,
+                     range_end: bytes = b"") -> AsyncGenerator[WatchEvent, None]:
+        """Every change of ``key`` (of every key in ``[key, range_end)`` when ``range_end``
+        is given) from ``from_revision`` on, in order, each once, for as long as the caller
+        iterates.
+
+        The one resumable watch of this project. When the stream breaks (a member stops, a
+        failover, a reconnect, etcd ends the stream) it is opened again from the revision
+        after the last change yielded: the changes of one revision arrive in one response,
+        so a break never falls between them. Transient failures are retried without end,
+        pausing :data:`_FOLLOW_BACKOFF_INITIAL` doubling to :data:`_FOLLOW_BACKOFF_MAX`
+        seconds (with jitter) between attempts; the pause starts over once a change
+        arrives. The caller bounds the wait itself (a timeout, cancelling its task, or
+        leaving the loop).
+
+        To mirror keys: read them at revision R (one range read, or a Txn of reads), follow
+        from R + 1 and apply each change; on :class:`CompactedError`, read afresh and follow
+        from the new read's revision + 1. For such a read to outlast an outage as the
+        follow does, give it :data:`UNTIL_CANCELLED` as its deadline.
+
+        Raises:
+            CompactedError: etcd has compacted the revision the follow needs (``from_revision``
+                or the one after the last change yielded); its ``compact_revision`` is the
+                oldest etcd still has.
+            EtcdAuthError: the credentials or the read permission on the range were
+                refused; at once, not retried.
+            EtcdTLSError: the TLS setup cannot work; at once.
+            EtcdConnectionError: another permanent failure (etcd canceled the watch for a
+                reason that does not pass, etcd out of space); at once.
+        """
+        revision = from_revision
+        backoff = _FOLLOW_BACKOFF_INITIAL
+        while True:
+            try:
+                # One attempt per opening: the pause between openings is this loop's alone.
+                async with contextlib.aclosing(self._watch_stream(
+                        key, revision, range_end,
+                        lambda what, opener: self._attempt(
+                            what, opener, Deadline.after(self._config.request_timeout)),
+                )) as events:
+                    async for event in events:
+                        revision = event.revision + 1
+                        backoff = _FOLLOW_BACKOFF_INITIAL
+                        yield event
+            except TransientError as exc:
+                log.info("following %s: %s; resuming from revision %d in %.1f s at most",
+                         _show(key), exc, revision, backoff)
+            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+            backoff = min(backoff * 2, _FOLLOW_BACKOFF_MAX)
+
+    async def _watch_stream(
+        self, key: bytes, start_revision: int, range_end: bytes,
+        open_with: Callable[[str, Callable[[_Session, float], Awaitable[Any]]], Awaitable[Any]],
+    ) -> AsyncGenerator[WatchEvent, None]:
+        """One watch stream: opened through ``open_with`` (retrying or a single attempt),
+        then its changes until it breaks."""
+        what = f"Watching {_show(key)}"
         create = rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
             key=key, range_end=range_end, start_revision=start_revision))
 
@@ -684,13 +782,21 @@ class EtcdClient:
                 raise
             return stream
 
-        stream = await self._retrying(what, open_stream, deadline)
+        stream = await open_with(what, open_stream)
         try:
             while True:
                 try:
                     response = await stream.read()
                 except grpc.aio.AioRpcError as exc:
                     raise _map_grpc_error(exc, what, self._config, self._answered) from exc
+                except asyncio.CancelledError:
+                    if not stream.cancelled() or _task_cancelling():
+                        raise
+                    # The channel was closed under the stream (another call reconnected):
+                    # the stream broke, this task was not cancelled.
+                    raise UnavailableError(f"{what} failed: the channel to etcd at "
+                                           f"{self._config.targets} was closed (reconnecting)."
+                                           ) from None
                 if response is _EOF:
                     raise UnavailableError(f"{what} failed: etcd at {self._config.targets} "
                                            "ended the watch stream.")
@@ -714,9 +820,11 @@ class EtcdClient:
             reason = response.cancel_reason or "no reason given"
             if "permission denied" in reason:
                 raise EtcdAuthError(_permission_denied(what, self._config, "read", reason))
+            if any(text in reason for text in _TRANSIENT_DETAILS):
+                raise UnavailableError(f"{what} failed: etcd at {self._config.targets} canceled "
+                                       f"the watch ({reason}).")
             raise EtcdConnectionError(f"{what} failed: etcd at {self._config.targets} canceled "
-                                      f"the watch ({reason}).")
-
+                                      f"the watch ({reason}); watching again would not help.")
     async def next_change(
         self, key: bytes, start_revision: int, timeout: float
     ) -> KeyChange | None:
