@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from aetcd import rpc, utils
 
-from ._connection import EtcdClient, WatchEvent
+from ._connection import UNTIL_CANCELLED, EtcdClient, WatchEvent
 from ._lease import lease_window
 from .backend import AsyncEtcdRendezvousBackend
 from .codec import StateCodec
@@ -44,7 +44,6 @@ from .errors import (
     EtcdStateError,
     NotATorchStateError,
     RunNotFoundError,
-    UnavailableError,
 )
 from .keys import RunKeys, parse_run_key, runs_prefix
 from .native import RUN_LEASE_RENEWALS_PER_TTL, NodeId, Seal, close_native_run
@@ -67,8 +66,6 @@ log = logging.getLogger(__name__)
 
 #: Lease look-ups in flight at once while listing runs or reading a native run's nodes.
 _LEASE_CONCURRENCY = 16
-_WATCH_BACKOFF_INITIAL = 0.1
-_WATCH_BACKOFF_MAX = 2.0
 
 @dataclass(frozen=True)
 class RunInfo:
@@ -796,36 +793,29 @@ class RendezvousAdmin:
         """A read of ``[key, range_end)`` (unless ``start_revision`` is given), then every
         change from the revision after it, as :class:`WatchEvent`, in order.
 
-        When the watch breaks it is opened again from the revision after the last change
-        yielded (the changes of one revision come in one response, so a break never falls
-        between them); when etcd has compacted that revision away, the range is read and
-        yielded afresh. Transient failures are retried, with a backoff up to 2 s, for as
-        long as the iteration goes on.
+        The changes come from :meth:`EtcdClient.follow`, which resumes a broken watch from
+        the revision after the last change and retries transient failures for as long as
+        the iteration goes on. When etcd has compacted the revision it needs, the range is
+        read and yielded afresh, then followed from there; that read, too, outlasts an
+        outage (:data:`UNTIL_CANCELLED`). Permanent errors (auth, TLS) raise at once.
         """
         watch_from = start_revision
-        backoff = _WATCH_BACKOFF_INITIAL
         what = f"Reading {key.decode(errors='replace')!r}"
         while True:
+            if watch_from is None:
+                response = await self._client.range(
+                    rpc.RangeRequest(key=key, range_end=range_end), UNTIL_CANCELLED, what)
+                yield response
+                watch_from = int(response.header.revision) + 1
             try:
-                if watch_from is None:
-                    response = await self._client.range(
-                        rpc.RangeRequest(key=key, range_end=range_end), self._deadline(), what)
-                    yield response
-                    watch_from = int(response.header.revision) + 1
-                async with aclosing(self._client.watch(key, watch_from, self._deadline(),
-                                                       range_end=range_end)) as events:
+                async with aclosing(self._client.follow(key, watch_from,
+                                                        range_end=range_end)) as events:
                     async for event in events:
-                        backoff = _WATCH_BACKOFF_INITIAL
                         watch_from = event.revision + 1
                         yield event
             except CompactedError as exc:
                 log.info("%s; reading afresh", exc)
                 watch_from = None
-            except UnavailableError as exc:
-                log.info("watching %r: %s; resuming from revision %s",
-                         key.decode(errors="replace"), exc, watch_from)
-                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
-                backoff = min(backoff * 2, _WATCH_BACKOFF_MAX)
 
     async def watch_state(
         self, run_id: str, *, start_revision: int | None = None
@@ -838,12 +828,14 @@ class RendezvousAdmin:
         again from the revision after the last one yielded, so no change is lost or
         repeated; when etcd has compacted that revision away, the state is read afresh (the
         changes in between are gone from etcd's history) and watched from there. Transient
-        failures are retried for as long as the iteration goes on, with a backoff up to 2 s.
+        failures are retried for as long as the iteration goes on, with a backoff up to 2 s
+        (:meth:`EtcdClient.follow`'s).
 
         Raises:
             EtcdStateError: a state cannot be decoded, or is not a plain torch state.
-            EtcdAuthError: the credentials or permissions were refused.
-            EtcdConnectionError: an error that retrying does not cure.
+            EtcdAuthError: the credentials or permissions were refused; at once.
+            EtcdConnectionError: another permanent error (not a
+                :class:`~etcd_rdzv.errors.TransientError`); at once.
         """
         key = self.state_key(run_id)
         # What was yielded last: (revision, True) for a state, (0, False) for none. A re-read
@@ -885,8 +877,9 @@ class RendezvousAdmin:
         does; after a compaction, it starts again with a ``status`` event.
 
         Raises:
-            EtcdAuthError: the credentials or permissions were refused.
-            EtcdConnectionError: an error that retrying does not cure.
+            EtcdAuthError: the credentials or permissions were refused; at once.
+            EtcdConnectionError: another permanent error (not a
+                :class:`~etcd_rdzv.errors.TransientError`); at once.
         """
         keys = RunKeys(run_id, self._prefix)
         prefix = keys.native_prefix
