@@ -37,7 +37,6 @@ import os
 import random
 import socket
 import sys
-import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -59,8 +58,7 @@ from .errors import (
     UnavailableError,
 )
 
-__all__ = ["UNTIL_CANCELLED", "EtcdClient", "KeyChange", "LeaseStatus", "MemberStatus",
-           "WatchEvent"]
+__all__ = ["UNTIL_CANCELLED", "EtcdClient", "LeaseStatus", "MemberStatus", "WatchEvent"]
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +105,6 @@ _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 #: How long closing waits for a cancelled stream's reader to end, seconds.
 _CLOSE_WAIT = 1.0
 
-
-
 #: The deadline of a call that retries transient failures for as long as its caller waits:
 #: the caller bounds it by cancelling (a read that starts or restarts a follow). Permanent
 #: errors still raise at once.
@@ -124,17 +120,9 @@ def _task_cancelling() -> bool:
 
 
 @dataclass(frozen=True)
-class KeyChange:
-    """The first change a watch saw: the key's new value, or None (deleted, or the history
-    was compacted away: read the key to learn its value)."""
-
-    value: bytes | None
-
-
-
-@dataclass(frozen=True)
 class WatchEvent:
-    """One change of a key, as :meth:`EtcdClient.watch` reports it."""
+    """One change of a key, as :meth:`EtcdClient.follow` and :meth:`EtcdClient.watch` report
+    it."""
 
     revision: int
     """The revision of the change: a put's ``mod_revision``, or the revision of a delete."""
@@ -825,28 +813,3 @@ class EtcdClient:
                                        f"the watch ({reason}).")
             raise EtcdConnectionError(f"{what} failed: etcd at {self._config.targets} canceled "
                                       f"the watch ({reason}); watching again would not help.")
-    async def next_change(
-        self, key: bytes, start_revision: int, timeout: float
-    ) -> KeyChange | None:
-        """Wait for the first change of ``key`` at or after ``start_revision``.
-
-        Returns the change (its new value for a put), or None when ``timeout`` passed first
-        or the watch broke: the caller re-reads either way, so nothing is missed.
-        """
-        started = time.monotonic()
-        try:
-            async with contextlib.aclosing(
-                self.watch(key, start_revision, Deadline.after(timeout))
-            ) as events:
-                event = await asyncio.wait_for(anext(events), timeout)
-        except asyncio.TimeoutError:
-            return None
-        except CompactedError:
-            return KeyChange(None)  # history is gone; a read tells the current value
-        except UnavailableError as exc:
-            log.debug("watch on %r broke (%s); re-reading", key, exc)
-            left = timeout - (time.monotonic() - started)
-            await asyncio.sleep(max(0.0, min(left, _RETRY_BACKOFF_MAX)))
-            return None
-        return KeyChange(event.value)
-

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import re
 import time
 from typing import Any, Final
 
-from ._connection import EtcdClient
+from ._connection import UNTIL_CANCELLED, EtcdClient
 from ._lease import AmortizedLease
 from .cas import Expect, compare_and_swap
 from .codec import StateCodec
 from .config import DEFAULT_KEY_PREFIX, DEFAULT_TTL, RendezvousConfig
 from .deadline import Deadline
-from .errors import EtcdConnectionError
+from .errors import CompactedError
 from .keys import RunKeys
 from .state import decode_state
 
@@ -223,29 +224,42 @@ class AsyncEtcdRendezvousBackend:
 
         Returns True as soon as the key is written or deleted after revision ``token`` (with
         ``token=None``: as soon as the key exists), False when ``timeout`` passes first. It
-        watches from ``token + 1``, so a write between the caller's read and this call is
-        never missed. It never raises on a transient error: a broken watch waits out the
-        interval (the caller re-reads either way). A stale or invalid token returns at once.
+        follows the key from ``token + 1`` (:meth:`EtcdClient.follow`), so a write between
+        the caller's read and this call is never missed. Transient failures (etcd
+        unreachable, a broken watch) are waited out until ``timeout``, then it returns False
+        (the caller re-reads either way). When etcd has compacted ``token + 1`` away, the key
+        is read: True if it changed since ``token``, else it follows on from that read. A
+        stale or invalid token returns at once.
+
+        Raises:
+            EtcdConnectionError: a permanent error (credentials or permission refused, a TLS
+                misconfiguration), at once; never a
+                :class:`~etcd_rdzv.errors.TransientError`.
         """
         expected = _expected_revision(token)
         if isinstance(expected, _Stale):
             return True
-        started = time.monotonic()
-        if expected is None or expected == 0:
-            try:
-                response = await self._client.get(self._key, Deadline.after(timeout))
-            except EtcdConnectionError:
-                return False
-            if response.kvs:
-                return True
-            start = int(response.header.revision) + 1
-        else:
-            start = expected + 1
-        remaining = timeout - (time.monotonic() - started)
-        if remaining <= 0:
-            return False
         try:
-            return await self._client.next_change(self._key, start, remaining) is not None
-        except EtcdConnectionError:
-            await asyncio.sleep(max(0.0, timeout - (time.monotonic() - started)))
+            return await asyncio.wait_for(self._changed_since(expected or 0), timeout)
+        except asyncio.TimeoutError:
             return False
+
+    async def _changed_since(self, revision: int) -> bool:
+        """True once the key's ``mod_revision`` is no longer ``revision`` (0: absent)."""
+        follow_from = None if revision == 0 else revision + 1
+        while True:
+            if follow_from is None:
+                # Bounded by wait_for_change's timeout, which cancels it.
+                response = await self._client.get(self._key, UNTIL_CANCELLED)
+                current = int(response.kvs[0].mod_revision) if response.kvs else 0
+                if current != revision:
+                    return True
+                follow_from = int(response.header.revision) + 1
+            try:
+                async with contextlib.aclosing(self._client.follow(self._key, follow_from)) \
+                        as changes:
+                    async for _ in changes:
+                        return True
+            except CompactedError as exc:
+                log.debug("%s; reading the state key afresh", exc)
+                follow_from = None

@@ -7,6 +7,8 @@ it behaves the same here; ``tests/test_store_parity.py`` runs one suite against 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import random
 import re
 import time
@@ -19,9 +21,11 @@ from ._connection import EtcdClient
 from ._lease import LeaseHolder
 from .cas import Expect, compare_and_swap
 from .deadline import Deadline
-from .errors import EtcdConnectionError, StoreTimeoutError
+from .errors import CompactedError, EtcdConnectionError, StoreTimeoutError
 
 __all__ = ["MAX_TXN_OPS", "AsyncEtcdStore"]
+
+log = logging.getLogger(__name__)
 
 #: etcd's default ``--max-txn-ops``: a Txn of more operations is refused.
 MAX_TXN_OPS = 128
@@ -132,8 +136,12 @@ class AsyncEtcdStore:
         return values, revision
 
     async def _wait_for(self, keys: Sequence[bytes], timeout: float) -> list[bytes]:
-        """The values of ``keys`` once all are set: one read, then a watch per missing key
-        (whose put event carries the value, so a wake-up costs no further round trip)."""
+        """The values of ``keys`` once all are set: one read, then a follow of each missing
+        key (whose put event carries the value, so a wake-up costs no further round trip).
+
+        Transient failures while waiting (etcd unreachable, a broken watch) are waited out
+        until ``timeout``: :meth:`EtcdClient.follow` resumes without missing a put.
+        """
         started = time.monotonic()
         values, revision = await self._read_many(keys)
         for index, key in enumerate(keys):
@@ -146,13 +154,30 @@ class AsyncEtcdStore:
                         f"{[self._name(k) for k in missing]} "
                         f"(under {self._prefix.decode(errors='replace')!r})."
                     )
-                # Watching from the revision just read: no write can slip in between.
-                change = await self._client.next_change(key, revision + 1, remaining)
-                if change is not None and change.value is not None:
-                    values[index] = change.value
-                else:  # timed out, deleted, compacted or a broken watch: read again
+                try:
+                    # Following from the revision just read: no write can slip in between.
+                    value = await asyncio.wait_for(self._next_value(key, revision + 1),
+                                                   remaining)
+                except asyncio.TimeoutError:
+                    continue  # the loop raises StoreTimeoutError, naming the keys still missing
+                if value is not None:
+                    values[index] = value
+                else:  # etcd compacted the history the follow needed: read again
                     values, revision = await self._read_many(keys)
         return [value for value in values if value is not None]
+
+    async def _next_value(self, key: bytes, from_revision: int) -> bytes | None:
+        """The value of the first put of ``key`` from ``from_revision`` on; None when etcd
+        has compacted that revision away (read the key instead)."""
+        try:
+            async with contextlib.aclosing(self._client.follow(key, from_revision)) as changes:
+                async for change in changes:
+                    if change.value is not None:
+                        return change.value
+        except CompactedError as exc:
+            log.debug("%s; reading the store keys afresh", exc)
+            return None
+        raise AssertionError("a follow ends only when its caller stops it")
 
     async def get(self, key: str | bytes, timeout: float) -> bytes:
         """The value of ``key``, waiting up to ``timeout`` s for it to be set.
