@@ -473,3 +473,51 @@ async def test_a_node_whose_lease_expired_is_not_ranked_with_the_next_ones(
     await later[0].set_closed()
     with pytest.raises(StandbyExitError):
         await asyncio.wait_for(joining, 10)
+
+
+async def wait_for_key(client: EtcdClient, key: bytes, seconds: float = 5) -> int:
+    """The lease of ``key`` once it exists."""
+    for _ in range(int(seconds / 0.05)):
+        kvs = (await client.get(key, Deadline.after(5))).kvs
+        if kvs:
+            return int(kvs[0].lease)
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{key!r} did not appear within {seconds} s")
+
+
+async def test_a_waiting_node_whose_lease_expired_rejoins_its_open_round(
+        nodes: Nodes, etcd_client: EtcdClient, run_keys: RunKeys) -> None:
+    # Node a waits alone in round 1 (min_nodes 3); its lease expires (revoked from
+    # outside). It must put its key in round 1 again: before the fix it re-joined round 1
+    # with a Txn that deleted and put the same key, which etcd refuses, and then waited
+    # with no key at all while b and c waited for a third node that never came.
+    first = nodes.add(min_nodes=3, max_nodes=3)
+    joining = asyncio.create_task(first.next_rendezvous())
+    key = run_keys.member(1, first.node.name)
+    lease = await wait_for_key(etcd_client, key)
+    assert await etcd_client.revoke_lease(lease, Deadline.after(5))  # as if it expired
+    assert await wait_for_key(etcd_client, key) not in (0, lease)  # back, on a new lease
+    others = [nodes.add(min_nodes=3, max_nodes=3) for _ in range(2)]
+    admissions = await asyncio.wait_for(join_all(others), 20)
+    mine = await asyncio.wait_for(joining, 20)
+    assert {a.round for a in [*admissions, mine]} == {1}
+    assert sorted(a.rank for a in [*admissions, mine]) == [0, 1, 2]
+
+
+async def test_the_waiting_marker_lives_on_the_lease_of_the_waiting_nodes_key(
+        nodes: Nodes, etcd_client: EtcdClient, run_keys: RunKeys) -> None:
+    # A waiting marker written with no lease outlived every node (before the fix: the
+    # keep-alive loop could zero the node's lease between its count and its marker).
+    members = [nodes.add(min_nodes=2, max_nodes=3) for _ in range(2)]
+    await join_all(members)
+    late = nodes.add(min_nodes=2, max_nodes=3)
+    joining = asyncio.create_task(late.next_rendezvous())
+    marker_lease = await wait_for_key(etcd_client, run_keys.waiting(2))
+    key_lease = await wait_for_key(etcd_client, run_keys.member(2, late.node.name))
+    assert marker_lease == key_lease != 0
+    joining.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await joining
+    await late.leave()  # revokes its lease: the marker goes with its key
+    assert not await exists(etcd_client, run_keys.waiting(2))
+    assert await members[0].num_nodes_waiting() == 0
