@@ -521,12 +521,13 @@ class EtcdClient:
     async def _retrying(
         self, what: str, call: Callable[[_Session, float], Awaitable[T]], deadline: Deadline
     ) -> T:
-        """Attempts of an idempotent call until one succeeds or the deadline passes."""
+        """Attempts of an idempotent call until one succeeds or the deadline passes; a
+        permanent error (not a :class:`TransientError`) raises at once."""
         backoff = _RETRY_BACKOFF_INITIAL
         while True:
             try:
                 return await self._attempt(what, call, deadline)
-            except UnavailableError as exc:
+            except TransientError as exc:
                 if deadline.remaining() <= backoff:
                     raise UnavailableError(
                         f"{exc} Gave up after {deadline.seconds:g} s."

@@ -37,7 +37,7 @@ from aetcd import rpc
 from ._connection import EtcdClient
 from ._lease import LeaseHolder
 from .deadline import Deadline
-from .errors import CompactedError, EtcdConnectionError, UnavailableError
+from .errors import CompactedError, EtcdConnectionError, TransientError
 
 __all__ = ["CasResult", "Expect", "compare_and_swap", "resolve_lost_answer"]
 
@@ -141,19 +141,21 @@ async def compare_and_swap(
             landed. Only then can a lost answer be resolved after the key moved on.
 
     Raises:
-        EtcdConnectionError: etcd did not confirm the write within ``deadline`` while the
-            key stayed as expected, or the history needed to resolve a tagged write is
-            compacted or unreadable.
+        TransientError: etcd did not confirm the write within ``deadline`` while the key
+            stayed as expected (not applied), or the history needed to resolve a tagged
+            write could not be read within it (unknown outcome).
+        EtcdConnectionError: a permanent error (auth, TLS), at once; or the history needed
+            to resolve a tagged write is compacted (unknown outcome, for good).
     """
     while True:
         if deadline.expired:
-            raise EtcdConnectionError(
+            raise TransientError(
                 f"{what} did not complete within {deadline.seconds:g} s (read_timeout) at "
                 f"{client.config.targets}; the last read showed it not applied."
             )
         try:
             response = await _attempt(client, key, expect, value, deadline, what, lease)
-        except UnavailableError as exc:
+        except TransientError as exc:
             log.info("%s: outcome unknown (%s); reading to resolve it", what, exc)
             resolved = await resolve_lost_answer(client, key, expect, value, deadline, what,
                                                  tagged=tagged)
@@ -178,8 +180,9 @@ async def resolve_lost_answer(client: EtcdClient, key: bytes, expect: Expect, va
     Returns None when it was not applied and ``expect`` still holds (resending is safe).
 
     Raises:
-        EtcdConnectionError: the history needed to resolve a tagged write is compacted or
-            unreadable within ``deadline``.
+        TransientError: the key, or the history needed to resolve a tagged write, could
+            not be read within ``deadline``.
+        EtcdConnectionError: that history is compacted: the outcome cannot be known.
     """
     read = await client.get(key, deadline)
     kv = read.kvs[0] if read.kvs else None
@@ -222,17 +225,23 @@ async def _first_change_if(client: EtcdClient, key: bytes, start_revision: int, 
     """The revision of the key's first change from ``start_revision`` if it wrote ``value``,
     else None.
 
+    The key changed after ``start_revision`` (the caller read it), so the change exists:
+    waiting for it only waits out etcd's transient failures.
+
     Raises:
-        EtcdConnectionError: that history is compacted, or unreadable within ``deadline``:
-            the write's outcome cannot be known.
+        EtcdConnectionError: that history is compacted: the write's outcome cannot be known.
+        TransientError: that history could not be read within ``deadline``; it may be once
+            etcd answers again.
     """
     unknown = f"{what} has an unknown outcome: etcd failed during the write and the key " \
               "has changed since"
     try:
-        async with contextlib.aclosing(client.watch(key, start_revision, deadline)) as events:
+        async with contextlib.aclosing(client.follow(key, start_revision)) as events:
             event = await asyncio.wait_for(anext(events), max(0.001, deadline.remaining()))
     except CompactedError as exc:
         raise EtcdConnectionError(f"{unknown}, and etcd has compacted that history.") from exc
-    except (asyncio.TimeoutError, UnavailableError) as exc:
-        raise EtcdConnectionError(f"{unknown}, and its history could not be read.") from exc
+    except asyncio.TimeoutError as exc:
+        raise TransientError(f"{unknown}, and its history could not be read within "
+                             f"{deadline.seconds:g} s (read_timeout) at "
+                             f"{client.config.targets}.") from exc
     return event.revision if event.value == value else None
