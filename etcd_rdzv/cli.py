@@ -51,6 +51,7 @@ from .errors import (
     EtcdTLSError,
     NotATorchStateError,
     RunNotFoundError,
+    TransientError,
     UnavailableError,
 )
 from .exporter import DEFAULT_QUOTA_BYTES
@@ -121,7 +122,7 @@ _EXIT_CODE_OF_ERROR: tuple[tuple[type[BaseException], int], ...] = (
     (NotATorchStateError, EXIT_NOT_TORCH_STATE),
     (EtcdAuthError, EXIT_AUTH),
     (EtcdTLSError, EXIT_UNREACHABLE),
-    (UnavailableError, EXIT_UNREACHABLE),
+    (TransientError, EXIT_UNREACHABLE),
 )
 
 
@@ -483,8 +484,8 @@ def _admin_call(args: argparse.Namespace, run_id: str | None,
             async with EtcdClient(config.etcd) as client:
                 admin = RendezvousAdmin(client, config.key_prefix, ttl=config.ttl)
                 return await body(admin, config)
-        except UnavailableError as exc:
-            raise UnavailableError(f"{exc} Using the {given}.") from exc
+        except TransientError as exc:
+            raise type(exc)(f"{exc} Using the {given}.") from exc
         except asyncio.CancelledError:
             if failed:
                 raise failed[0] from None

@@ -8,7 +8,10 @@
   and alarms. A scrape is bounded by ``scrape_timeout``; runs are not cached between
   scrapes, so what Prometheus stores is what etcd held at the scrape.
 * **An outage is a value, not an error**: when etcd does not answer, the scrape still
-  succeeds with ``etcd_rdzv_up 0`` (and no run metrics), so alerts can fire on it.
+  succeeds with ``etcd_rdzv_up 0`` (and no run metrics), so alerts can fire on it. A
+  permanent failure (credentials or permission refused, TLS misconfigured: not a
+  :class:`~etcd_rdzv.errors.TransientError`) gives ``etcd_rdzv_up 0`` too, but is logged
+  as an error in its own words, since no scrape will succeed until someone fixes it.
 * Both handlers: ``handler=torch`` runs report what torch's state holds (decoded with the
   restricted unpickler of :mod:`etcd_rdzv.state`), ``handler=native`` runs what their keys
   show. Node roles are torch's words: ``participant``, ``waiting``, ``standby``.
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .deadline import Deadline
-from .errors import EtcdRendezvousError
+from .errors import EtcdRendezvousError, TransientError
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -90,14 +93,19 @@ class RendezvousCollector:
         """The metrics of one scrape (``prometheus_client``'s collector protocol)."""
         from prometheus_client.core import GaugeMetricFamily
 
-        up = GaugeMetricFamily("etcd_rdzv_up", "1 when this scrape read etcd, 0 when etcd "
-                               "did not answer within the scrape timeout")
+        up = GaugeMetricFamily("etcd_rdzv_up", "1 when this scrape read etcd, 0 when it "
+                               "could not (no answer within the scrape timeout, or a refusal)")
         future = asyncio.run_coroutine_threadsafe(self.scrape(), self._loop)
         try:
             scrape = future.result(self._timeout + 1)
-        except (EtcdRendezvousError, TimeoutError) as exc:
+        except (TransientError, TimeoutError) as exc:
             future.cancel()
             log.warning("scrape failed: etcd did not answer (%s)", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        except EtcdRendezvousError as exc:
+            log.error("scrape failed, and will fail until this is fixed: %s", exc)
             up.add_metric([], 0)
             yield up
             return
