@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import time
@@ -30,10 +29,8 @@ from dataclasses import replace
 from aetcd import rpc, utils
 
 from .._connection import EtcdClient
-from ..cas import Expect, compare_and_swap
 from ..deadline import Deadline
 from ..errors import (
-    CompactedError,
     EtcdConnectionError,
     EtcdRendezvousError,
     JoinTimeoutError,
@@ -48,7 +45,6 @@ from .decide import (
     Admitted,
     Closed,
     Count,
-    Counts,
     Failed,
     Join,
     MarkWaiting,
@@ -60,8 +56,9 @@ from .decide import (
     Wait,
     decide,
 )
-from .model import Admission, NativeSettings, NodeId, Seal
-from .run import close_native_run, torch_run_error
+from .model import Admission, NativeSettings, NodeId
+from .rounds import RoundRequests
+from .run import close_native_run
 from .session import NodeSession, RunLease
 
 __all__ = ["AsyncNativeRendezvous"]
@@ -89,9 +86,10 @@ class AsyncNativeRendezvous:
         self._session = NodeSession(client, settings, self._node, keys.run_id,
                                     run_lease=lambda: self._feed.view.run_lease,
                                     wake=lambda: self._feed.wake())
-        #: Taken by the first node that writes a shared key (a seal, the close), not at
-        #: start: N nodes starting at once would each grant one.
-        self._run_lease = RunLease(client, keys, settings.ttl)
+        # The run lease is taken by the first node that writes a shared key (a seal, the
+        # close), not at start: N nodes starting at once would each grant one.
+        self._requests = RoundRequests(client, keys, settings, self._node,
+                                       RunLease(client, keys, settings.ttl))
         self._started = False
         self._start_lock: asyncio.Lock | None = None
         self._member_key: bytes | None = None
@@ -209,18 +207,31 @@ class AsyncNativeRendezvous:
 
     async def _run(self, step: Step, view: NodeView) -> NodeView:
         """Do ``step``'s I/O; the view after it. Sorts every etcd error (see the module)."""
+        requests = self._requests
         try:
             if isinstance(step, Join):
-                return await self._join(step.round, view)
+                lease = self._session.lease or await self._session.new_lease(self._deadline())
+                try:
+                    counts = await requests.join(step.round, lease, self._member_key)
+                except LeaseNotFoundError:
+                    self._session.lost(lease)  # the rules join again, with a new lease
+                    return view
+                self._member_key = self._keys.member(step.round, self._node.name)
+                return view.after_join(step.round, lease, counts)
             if isinstance(step, Count):
-                return view.after_count(await self._counts(step.round))
+                return view.after_count((await requests.count(step.round))[0])
             if isinstance(step, MarkWaiting):
-                await self._mark_waiting(step)
+                try:
+                    await requests.mark_waiting(step.round, step.lease)
+                except LeaseNotFoundError:
+                    self._session.lost(step.lease)  # its key went with it: join again
+                    return view
                 return view.after_mark()
             if isinstance(step, SealRound):
                 return await self._seal(step.round, view)
             if isinstance(step, ReadRank):
-                return view.after_rank(await self._rank(step.seal))
+                assert self._member_key is not None
+                return view.after_rank(await requests.rank(step.seal, self._member_key))
         except TransientError as exc:
             if view.unreachable is None:
                 log.warning("etcd is unreachable; node %s keeps waiting for a round of %r "
@@ -232,143 +243,17 @@ class AsyncNativeRendezvous:
             return view.after_failure(exc)
         raise AssertionError(f"not a step with I/O: {step}")
 
-    # --- the steps' etcd I/O -------------------------------------------------------------------
-
-    def _count_ops(self, round_: int) -> list[rpc.RequestOp]:
-        """Count the join keys of ``round_`` and of the round before it."""
-        return [rpc.RequestOp(request_range=rpc.RangeRequest(
-                    key=prefix, range_end=utils.prefix_range_end(prefix), count_only=True))
-                for prefix in (self._keys.round_prefix(round_),
-                               self._keys.round_prefix(round_ - 1))]
-
-    @staticmethod
-    def _read_counts(response: rpc.TxnResponse, read_at: float) -> Counts:
-        joined, previous = response.responses[-2:]
-        return Counts(int(joined.response_range.count), int(previous.response_range.count),
-                      read_at)
-
-    async def _join(self, round_: int, view: NodeView) -> NodeView:
-        """Move this node's key into ``round_``: one Txn, which also leaves its old key and
-        counts the round and the previous one. Safe to resend: it puts the same key."""
-        deadline = self._deadline()
-        lease = self._session.lease or await self._session.new_lease(deadline)
-        key = self._keys.member(round_, self._node.name)
-        # etcd refuses a Txn that deletes and puts one key; the put replaces it anyway.
-        leave = [] if self._member_key in (None, key) else [
-            rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=self._member_key))]
-        read_at = time.monotonic()
-        value = json.dumps({"joined_at": time.time()}).encode()
-        try:
-            response = await self._client.txn_idempotent(rpc.TxnRequest(
-                # Guarded by the absence of torch's state: one run, one protocol.
-                compare=[Expect.absent().compare(self._keys.state)],
-                success=[*leave, rpc.RequestOp(request_put=rpc.PutRequest(
-                    key=key, value=value, lease=lease)), *self._count_ops(round_)],
-            ), deadline, f"Joining round {round_} of {self._keys.run_id!r}")
-        except LeaseNotFoundError:
-            self._session.lost(lease)  # the rules join again, with a new lease
-            return view
-        if not response.succeeded:
-            raise torch_run_error(self._keys)
-        self._member_key = key
-        return view.after_join(round_, lease, self._read_counts(response, read_at))
-
-    async def _counts(self, round_: int) -> Counts:
-        read_at = time.monotonic()
-        response = await self._client.txn_idempotent(
-            rpc.TxnRequest(success=self._count_ops(round_)), self._deadline(),
-            f"Counting the nodes of round {round_}")
-        return self._read_counts(response, read_at)
-
-    async def _mark_waiting(self, step: MarkWaiting) -> None:
-        marker = self._keys.waiting(step.round)
-        assert step.lease, "a waiting marker must go when its node does"
-        # Create-only: N waiters racing make one marker, one ctl/ event.
-        try:
-            await self._client.txn_idempotent(rpc.TxnRequest(
-                compare=[Expect.absent().compare(marker)],
-                success=[rpc.RequestOp(request_put=rpc.PutRequest(
-                    key=marker, value=self._node.name, lease=step.lease))],
-            ), self._deadline(), f"Marking round {step.round} as awaited")
-        except LeaseNotFoundError:
-            self._session.lost(step.lease)  # its key went with it: the rules join again
-
-    async def _rank(self, seal: Seal) -> Admission | None:
-        """This node's rank in the sealed round, or None when the roster left it out."""
-        key = self._member_key
-        assert key is not None
-        prefix = self._keys.round_prefix(seal.round)
-        # One read at the cutoff: is this node's key in the roster (it may have joined after
-        # the cutoff, or lost its key with an expired lease before it), and how many roster
-        # keys sort before it.
-        try:
-            response = await self._client.txn_idempotent(rpc.TxnRequest(success=[
-                rpc.RequestOp(request_range=rpc.RangeRequest(
-                    key=key, count_only=True, revision=seal.cutoff,
-                    max_create_revision=seal.cutoff)),
-                rpc.RequestOp(request_range=rpc.RangeRequest(
-                    key=prefix, range_end=key, count_only=True, revision=seal.cutoff,
-                    max_create_revision=seal.cutoff)),
-            ]), self._deadline(), f"Reading this node's rank in round {seal.round}")
-        except CompactedError as exc:
-            raise CompactedError(
-                f"Round {seal.round} of {self._keys.run_id!r} was sealed at revision "
-                f"{seal.cutoff}, which etcd compacted before this node read its rank: keep "
-                "etcd's --auto-compaction-retention above a minute, and compact_interval off "
-                f"for torch-handler runs on the same etcd ({exc})", exc.compact_revision,
-            ) from exc
-        mine, before = (int(op.response_range.count) for op in response.responses)
-        return Admission(seal.round, before, seal.size) if mine else None
-
     async def _seal(self, round_: int, view: NodeView) -> NodeView:
-        """Count ``round_`` again and seal it if enough nodes joined; the view after."""
-        settings, prefix = self._settings, self._keys.round_prefix(round_)
-        deadline = self._deadline()
-        read_at = time.monotonic()
-        response = await self._client.txn_idempotent(
-            rpc.TxnRequest(success=self._count_ops(round_)), deadline,
-            f"Counting round {round_}")
-        counts = self._read_counts(response, read_at)
-        after = view.after_count(counts)
-        if counts.joined < settings.min_nodes or after.previous_trains:
-            return after  # fewer nodes now, or members came back: the rules decide again
-        cutoff, size = int(response.header.revision), counts.joined
-        if size > settings.max_nodes:
-            cutoff, size = await self._cap(prefix, cutoff, deadline)
-        seal = Seal(round_, cutoff, size, time.time(), str(self._node))
-        self._run_lease.lease_id = self._run_lease.lease_id or self._feed.view.run_lease
-        result = await compare_and_swap(
-            self._client, self._keys.seal(round_), Expect.absent(), seal.encode(), deadline,
-            f"Sealing round {round_} of {self._keys.run_id!r}", lease=self._run_lease,
-            tagged=True,
-        )
-        if not result.applied:
-            # Another node sealed it: take its seal now rather than wait for the watch.
-            return after.after_seal(Seal.decode(result.value)) if result.value else after
-        log.info("node %s sealed round %d of %r with %d nodes", self._node, round_,
-                 self._keys.run_id, size)
-        # Cleanup only: a node still in an old round holds its own key.
-        with contextlib.suppress(TransientError):
-            await self._client.delete(self._keys.seal(round_ - 2), deadline)
-            await self._client.delete(self._keys.waiting(round_), deadline)
-        return after.after_seal(seal)
-
-    async def _cap(self, prefix: bytes, revision: int, deadline: Deadline) -> tuple[int, int]:
-        """The cutoff that admits the first ``max_nodes`` joiners, and the roster's size."""
-        limit = self._settings.max_nodes
-        while True:
-            first = await self._client.range(rpc.RangeRequest(
-                key=prefix, range_end=utils.prefix_range_end(prefix), revision=revision,
-                sort_target=rpc.RangeRequest.CREATE, sort_order=rpc.RangeRequest.ASCEND,
-                limit=limit, keys_only=True), deadline, "Reading the first joiners")
-            cutoff = int(first.kvs[-1].create_revision)
-            size = int((await self._client.range(rpc.RangeRequest(
-                key=prefix, range_end=utils.prefix_range_end(prefix), count_only=True,
-                revision=cutoff, max_create_revision=cutoff), deadline,
-                "Counting the first joiners")).count)
-            if size <= limit:
-                return cutoff, size
-            revision = cutoff  # keys deleted after the cutoff still count there: go earlier
+        """Count ``round_`` again and, if the rules still say so, seal it."""
+        counts, revision = await self._requests.count(round_)
+        counted = replace(view, now=time.monotonic()).after_count(counts)
+        if counted.now < counted.seal_due:
+            return counted  # fewer nodes now, or members came back: the rules decide again
+        seal = await self._requests.seal(round_, counts, revision, self._feed.view.run_lease)
+        if seal.sealer == str(self._node):
+            log.info("node %s sealed round %d of %r with %d nodes", self._node, round_,
+                     self._keys.run_id, seal.size)
+        return counted.after_seal(seal)
 
     async def _leave_round(self) -> None:
         if self._member_key is not None:
