@@ -334,12 +334,18 @@ class NativeEvent:
 
 
 @dataclass
-class _RunKeys:
-    state: Any = None  # the state's KeyValue, if any
+class _RunScan:
+    """One run's keys, gathered from :meth:`RendezvousAdmin.list_runs`'s one read of the
+    prefix (mutable: filled key by key)."""
+
+    state: Any = None
+    """The state's ``KeyValue``, if any."""
     store_keys: int = 0
     store_bytes: int = 0
-    newest: Any = None  # the KeyValue with the highest mod_revision
-    native: list[Any] = field(default_factory=list)  # the KeyValues under native/
+    newest: Any = None
+    """The ``KeyValue`` with the highest ``mod_revision``: the run's last write."""
+    native: list[Any] = field(default_factory=list)
+    """Every ``KeyValue`` under the native prefix."""
 
 
 @dataclass(frozen=True)
@@ -617,7 +623,7 @@ class RendezvousAdmin:
         """
         response = await self._client.get_prefix(runs_prefix(self._prefix), self._deadline())
         revision = int(response.header.revision)
-        runs: dict[str, _RunKeys] = defaultdict(_RunKeys)
+        runs: dict[str, _RunScan] = defaultdict(_RunScan)
         for kv in response.kvs:
             parsed = parse_run_key(self._prefix, bytes(kv.key))
             if parsed is None:
