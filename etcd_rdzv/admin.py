@@ -46,7 +46,7 @@ from .errors import (
     RunNotFoundError,
 )
 from .keys import RunKeys, parse_run_key, runs_prefix
-from .native import RUN_LEASE_RENEWALS_PER_TTL, NodeId, Seal, close_native_run
+from .native import NodeId, Seal, close_native_run, run_lease_idle_seconds
 from .state import RendezvousStateView, decode_state, encode_closed
 
 __all__ = [
@@ -95,10 +95,9 @@ class RunInfo:
     before that write; the window is subtracted, so the figure never overstates.
 
     A native run is not idle while any node holds its lease (0, though a training job
-    writes nothing); after its last node left, this is the age of the run lease since a
-    node last renewed it, less the renewal period (``ttl/10``; nodes whose
-    ``keep_alive_interval`` is longer renew it that often, and the figure may then
-    overstate by the difference)."""
+    writes nothing); after its last node left, this is how long ago its nodes last renewed
+    the run lease, by the run lease's own policy
+    (:func:`~etcd_rdzv.native.run_lease_idle_seconds`)."""
     ttl_left: int | None
     """Seconds until the newest key's lease expires, taking the run's keys along with it
     (torch's writes renew it); for a native run, the run lease's (its nodes renew it).
@@ -667,15 +666,13 @@ class RendezvousAdmin:
             lease = leases.get(lease_of[run_id])
             if lease is not None:
                 left, granted, read_at = lease
-                age = granted - left + (now - read_at)
                 if run_id in renewed:
-                    # The last node left at most one renewal period after the last renewal.
-                    period = granted / RUN_LEASE_RENEWALS_PER_TTL
+                    idle = run_lease_idle_seconds(granted, left, now - read_at)
                 else:
                     # lease_window of the granted TTL bounds the window of the TTL it was
-                    # granted for (ttl + window), so the figure never overstates.
-                    period = lease_window(granted)
-                idle = max(0.0, age - period - 1)
+                    # granted for (ttl + window), so the figure never overstates; less a
+                    # second for etcd's whole-second TTLs.
+                    idle = max(0.0, granted - left + (now - read_at) - lease_window(granted) - 1)
                 ttl_left = left
             if native is not None and native.nodes_alive:
                 idle = 0.0  # its nodes heartbeat: alive, though training writes nothing
