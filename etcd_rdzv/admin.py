@@ -5,11 +5,14 @@ uses next to the agents. It understands both handlers a run may be driven by:
 
 * ``handler=torch``: torch's pickled state, read only through the restricted unpickler of
   :mod:`etcd_rdzv.state`, so a hostile state is refused rather than run;
-* ``handler=native``: the keys of :mod:`etcd_rdzv.native`, read as they are. A node's role
-  and rank are derived from its join key, the latest seal and the waiting markers
-  (:class:`NativeRunView`); its rank is its place in the roster read at the seal's cutoff
-  revision, which is how the node itself computed it. Times (``joined_at``,
-  ``sealed_at``) are the nodes' own clocks.
+* ``handler=native``: the keys of :mod:`etcd_rdzv.native`, read as they are; the ``ctl/``
+  keys (seals, waiting markers, ``closed``, the run lease) through the nodes' own parser,
+  :class:`~etcd_rdzv.native.ControlView`, so operators see the run its nodes see, and a
+  value the nodes skip is skipped here too (and named in
+  :attr:`NativeRunView.unreadable_keys`). A node's role and rank are derived from its join
+  key, the latest seal and the waiting markers (:class:`NativeRunView`); its rank is its
+  place in the roster read at the seal's cutoff revision, which is how the node itself
+  computed it. Times (``joined_at``, ``sealed_at``) are the nodes' own clocks.
 
 A native run is alive while any node holds its lease, even when it writes nothing for
 hours (a training job does not): its idle time is 0 then, so ``cleanup`` keeps it.
@@ -46,7 +49,14 @@ from .errors import (
     RunNotFoundError,
 )
 from .keys import RunKeys, parse_run_key, runs_prefix
-from .native import NodeId, Seal, close_native_run, run_lease_idle_seconds
+from .native import (
+    ControlChange,
+    ControlView,
+    NodeId,
+    Seal,
+    close_native_run,
+    run_lease_idle_seconds,
+)
 from .state import RendezvousStateView, decode_state, encode_closed
 
 __all__ = [
@@ -247,6 +257,9 @@ class NativeRunView:
     run_lease_ttl_left: int | None = None
     """Seconds left on the run lease; the nodes renew it while any lives, so the shared
     keys expire ``ttl`` seconds after the last node leaves. None when not read."""
+    unreadable_keys: frozenset[str] = frozenset()
+    """``ctl/`` keys whose value this version does not understand (another program wrote
+    them): left out of every figure, as the run's nodes leave them out."""
     nodes: tuple[NativeNodeView, ...] | None = None
     """Every node: the roster by rank, then the others by round and name; None when not
     listed (a listing, a watch's events)."""
@@ -303,6 +316,7 @@ class NativeRunView:
             "counts": dict(self.counts),
             "run_lease": self.run_lease,
             "run_lease_ttl_left": self.run_lease_ttl_left,
+            "unreadable_keys": sorted(self.unreadable_keys),
             "nodes": None if self.nodes is None else [node.to_dict() for node in self.nodes],
         }
 
@@ -374,21 +388,25 @@ def _joined_at(value: bytes) -> float | None:
         return None
 
 
+#: What a change of a ``ctl/`` key is told as by :meth:`RendezvousAdmin.watch_native`;
+#: the others (a seal or a waiting marker gone, the run lease named) change only figures.
+_TOLD: Mapping[ControlChange, NativeChange] = {
+    "sealed": "sealed", "waiting": "waiting", "closed": "closed", "reopened": "reopened"}
+
 
 class _NativeKeys:
     """The keys under one run's native prefix, parsed into what a status, a listing and a
     watch show, and kept current by :meth:`apply` as a watch reports changes.
 
-    Counts are kept as keys come and go, so a watch of a large run pays O(1) per change,
-    not a pass over every node.
+    The ``ctl/`` keys are the nodes' own :class:`~etcd_rdzv.native.ControlView` (one parser,
+    so operators see the run as its nodes do, and skip the values they skip); the join keys
+    (``round/<r>/<node>``), which nodes only count, are kept here. Counts are kept as keys
+    come and go, so a watch of a large run pays O(1) per change, not a pass over every node.
     """
 
     def __init__(self, keys: RunKeys) -> None:
         self._keys = keys
-        self.seals: dict[int, Seal] = {}
-        self.waiting: set[int] = set()
-        self.closed_by: str | None = None
-        self.run_lease = 0
+        self.control = ControlView(keys)
         self.joins: dict[bytes, _Join] = {}
         self._per_round: Counter[int] = Counter()
         self._per_name: Counter[bytes] = Counter()
@@ -407,14 +425,6 @@ class _NativeKeys:
         native._derive_roster()  # the seals were read before the joins (ctl/ < round/)
         return native
 
-    @property
-    def latest(self) -> Seal | None:
-        return self.seals[max(self.seals)] if self.seals else None
-
-    @property
-    def closed(self) -> bool:
-        return self.closed_by is not None
-
     def apply(self, key: bytes, value: bytes | None, lease: int = 0, create_revision: int = 0,
               ) -> tuple[NativeChange, int | None, bytes | None] | None:
         """Mirror one key (``value`` None: deleted); the change a person would want told,
@@ -422,43 +432,18 @@ class _NativeKeys:
         parsed = self._keys.parse_native(key)
         if parsed is None:
             return None
-        if parsed.kind == "closed":
-            was = self.closed
-            self.closed_by = None if value is None else value.decode(errors="replace")
-            if was != self.closed:
-                return ("closed" if self.closed else "reopened"), None, None
-        elif parsed.kind == "run_lease":
-            self.run_lease = lease if value is not None else 0
-        elif parsed.kind == "seal":
-            return self._apply_seal(parsed.round, value)
-        elif parsed.kind == "waiting":
-            if value is None:
-                self.waiting.discard(parsed.round)
-            elif parsed.round not in self.waiting:
-                self.waiting.add(parsed.round)
-                return "waiting", parsed.round, None
-        else:
+        if parsed.kind == "member":
             return self._apply_join(key, _Join(parsed.round, parsed.node_name, create_revision,
                                                _joined_at(value) if value else None, lease),
                                     value is not None)
-        return None
-
-    def _apply_seal(self, round_: int, value: bytes | None,
-                    ) -> tuple[NativeChange, int | None, bytes | None] | None:
-        if value is None:
-            self.seals.pop(round_, None)
-            if round_ == self._roster_round:  # the latest went (expired): an older one shows
-                self._derive_roster()
+        change = self.control.apply(key, value)
+        if change in ("sealed", "unsealed") and parsed.round in (
+                self._roster_round, max(self.control.seals, default=None)):
+            self._derive_roster()  # a new latest round, or the latest gone: an older shows
+        told = _TOLD.get(change) if change is not None else None
+        if told is None:
             return None
-        try:
-            seal = Seal.decode(value)
-        except (ValueError, KeyError, TypeError):
-            return None  # not a seal this version wrote; nodes would not act on it either
-        new = round_ not in self.seals
-        self.seals[round_] = seal
-        if new and self.latest is seal:
-            self._derive_roster()
-        return ("sealed", round_, None) if new else None
+        return told, (parsed.round if told in ("sealed", "waiting") else None), None
 
     def _apply_join(self, key: bytes, join: _Join, present: bool,
                     ) -> tuple[NativeChange, int | None, bytes | None] | None:
@@ -483,7 +468,7 @@ class _NativeKeys:
 
     def _derive_roster(self) -> None:
         """The latest round's roster from the keys at hand: those joined by the cutoff."""
-        seal = self.latest
+        seal = self.control.latest
         if seal is None:
             self.set_roster(None, [])
             return
@@ -506,7 +491,7 @@ class _NativeKeys:
             return "member" if join.name in self._roster_names else "late"
         if join.round < seal.round:
             return "stale"
-        if join.round in self.waiting:
+        if join.round in self.control.waiting:
             return "waiting"
         return "standby" if self._members else "joining"
 
@@ -514,7 +499,7 @@ class _NativeKeys:
         """How many nodes have each role, by :meth:`_role`'s rule, without a pass over
         the nodes."""
         counts = dict.fromkeys(_ROLES, 0)
-        seal = self.latest
+        seal = self.control.latest
         if seal is None:
             counts["joining"] = len(self.joins)
             return counts
@@ -524,7 +509,7 @@ class _NativeKeys:
                 counts["late"] += number - self._members
             elif round_ < seal.round:
                 counts["stale"] += number
-            elif round_ in self.waiting:
+            elif round_ in self.control.waiting:
                 counts["waiting"] += number
             else:
                 counts["standby" if self._members else "joining"] += number
@@ -535,7 +520,8 @@ class _NativeKeys:
              leases: Mapping[int, int] | None = None) -> NativeRunView:
         """The run as :class:`NativeRunView`; ``with_nodes`` lists every node (a pass over
         them), with the seconds left of each lease in ``leases``."""
-        seal = self.latest
+        control = self.control
+        seal = control.latest
         ranks_known = seal is None or len(self.roster) == seal.size
         rank_of = {name: rank for rank, (name, _) in enumerate(self.roster)} \
             if ranks_known else {}
@@ -554,12 +540,15 @@ class _NativeKeys:
             rows.sort(key=lambda row: (row.rank is None, row.rank or 0, row.round, row.node))
             nodes = tuple(rows)
         return NativeRunView(
-            run_id=run_id, revision=revision, seal=seal, closed=self.closed,
-            closed_by=self.closed_by, counts=self.counts(),
-            waiting_rounds=frozenset(self.waiting), ranks_known=ranks_known,
+            run_id=run_id, revision=revision, seal=seal, closed=control.closed,
+            closed_by=control.closed_by, counts=self.counts(),
+            waiting_rounds=frozenset(control.waiting), ranks_known=ranks_known,
             round_started_at=min((at for _, at in self.roster if at is not None), default=None),
-            run_lease=self.run_lease,
-            run_lease_ttl_left=(leases or {}).get(self.run_lease) if self.run_lease else None,
+            run_lease=control.run_lease,
+            run_lease_ttl_left=(leases or {}).get(control.run_lease)
+            if control.run_lease else None,
+            unreadable_keys=frozenset(key.decode(errors="replace")
+                                      for key in control.unreadable),
             nodes=nodes)
 
 
@@ -642,8 +631,8 @@ class RendezvousAdmin:
                    for run_id, keys in runs.items() if keys.native}
         # A native run's age is its run lease's (its nodes renew it); others', their newest
         # key's lease's.
-        renewed = {run_id: native.run_lease for run_id, native in natives.items()
-                   if native.run_lease}
+        renewed = {run_id: native.control.run_lease for run_id, native in natives.items()
+                   if native.control.run_lease}
         lease_of = {run_id: renewed.get(run_id) or int(keys.newest.lease)
                     for run_id, keys in runs.items()}
         leases = await self._lease_ages({lease for lease in lease_of.values() if lease}) \
@@ -767,8 +756,9 @@ class RendezvousAdmin:
             return None
         native = _NativeKeys.load(keys, response.kvs)
         await self._read_roster(native, keys)
+        run_lease = native.control.run_lease
         leases = await self._lease_ages({join.lease for join in native.joins.values()}
-                                        | ({native.run_lease} if native.run_lease else set()))
+                                        | ({run_lease} if run_lease else set()))
         return native.view(run_id, int(response.header.revision), with_nodes=True,
                            leases={lease: info[0] for lease, info in leases.items()})
 
@@ -776,7 +766,7 @@ class RendezvousAdmin:
         """The latest sealed round's roster as its nodes ranked themselves: every join key
         of the round at the cutoff revision. Left as derived from the keys at hand when
         etcd has compacted that revision away."""
-        seal = native.latest
+        seal = native.control.latest
         if seal is None:
             return
         prefix = keys.round_prefix(seal.round)
