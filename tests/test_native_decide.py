@@ -3,8 +3,7 @@
 Each row of :data:`ROWS` builds a view the way the node (:mod:`etcd_rdzv.native.node`)
 does (a fresh view, then the ``after_*`` records of what etcd said) and names the step
 :func:`decide` must answer, with its rule. Every :class:`Rule` is covered by a row that
-passes. A row marked ``wrong`` is a case where the answer looks wrong for the protocol: it
-is expected to fail (``xfail``, strict) until :mod:`~etcd_rdzv.native.decide` changes.
+passes.
 
 The sequence tests at the end play short scenarios through the same pure functions: decide,
 record what etcd said as the executor would, decide again.
@@ -129,8 +128,6 @@ class Row:
     """The rule the row checks (the rule of ``step``)."""
     view: NodeView
     step: Step
-    wrong: str | None = None
-    """Why decide's answer looks wrong for the protocol: the row is expected to fail."""
 
 
 ROWS = [
@@ -150,11 +147,9 @@ ROWS = [
         closing(watched(ROOM.after_mark(), waiting=[2])), Closed(standby=False)),
     Row("closed_before_admitted", Rule.CLOSED, closing(ADMITTED), Closed(standby=False)),
     Row("closed_standby_after_etcd_blip", Rule.CLOSED,
-        closing(at(STANDBY, T0 + 1).after_silence("etcd down")), Closed(standby=True),
-        wrong="after_silence forgets the counts, so a standby whose last count etcd did not "
-              "answer is no standby any more: closed then (the close seen as the watch comes "
-              "back), it gets Closed(standby=False), RunClosedError, where torch's redundancy "
-              "list exits cleanly (StandbyExitError)"),
+        # A call etcd did not answer keeps the counts: a standby stays one (it exits
+        # cleanly, as torch's redundancy list does).
+        closing(at(STANDBY, T0 + 1).after_silence("etcd down")), Closed(standby=True)),
     # ADMITTED
     Row("admitted", Rule.ADMITTED, ADMITTED, Admitted(Admission(1, 1, 2))),
     Row("admitted_past_deadline", Rule.ADMITTED, at(ADMITTED, T0 + 100),
@@ -177,11 +172,9 @@ ROWS = [
     Row("former_standby_times_out_join_timeout_after_last_standby_count", Rule.TIMED_OUT,
         at(FORMER_STANDBY, T0 + 560), TimedOut(None)),
     Row("left_out_past_deadline", Rule.TIMED_OUT,
-        at(LOST_RACE.after_rank(None), T0 + 60), TimedOut(None),
-        wrong="the roster left the node out and join_timeout passed, but its round is "
-              "sealed, so it joins round 2 (a key others may count, and seal into their "
-              "roster) only to time out at the next step; torch times out a node that is "
-              "not a participant of the complete round before adding it anywhere"),
+        # As torch: a node that is no participant of the complete round times out before
+        # it is added anywhere (no key in round 2 that others might count).
+        at(LOST_RACE.after_rank(None), T0 + 60), TimedOut(None)),
     # ETCD_AWAY: an interval, then the rules look again (counts are read afresh).
     Row("etcd_away_waits_an_interval", Rule.ETCD_AWAY,
         at(joined(1, 1), T0 + 3).after_silence("etcd down"), Wait(T0 + 4, Rule.ETCD_AWAY)),
@@ -224,10 +217,8 @@ ROWS = [
     # LEFT_OUT
     Row("left_out", Rule.LEFT_OUT, LOST_RACE.after_rank(None), Join(2, Rule.LEFT_OUT)),
     Row("left_out_next_round_sealed_too", Rule.LEFT_OUT,
-        watched(LOST_RACE, seals=[WINNER, seal(2)]).after_rank(None), Join(3, Rule.LEFT_OUT),
-        wrong="left out of round 1 while round 2 is sealed too, the node joins round 2, "
-              "sealed without it, and must read its rank there to be left out again; "
-              "MIRROR_LAGGED's answer, the open round (3), is the one that can admit it"),
+        # Round 2 was sealed without the node too: the open round is 3.
+        watched(LOST_RACE, seals=[WINNER, seal(2)]).after_rank(None), Join(3, Rule.LEFT_OUT)),
     # COUNT
     Row("counts_stale_after_ctl_change", Rule.COUNT,
         replace(at(joined(1, 1), T0 + 0.5), changed_at=T0 + 0.5), Count(1)),
@@ -286,12 +277,7 @@ ROWS = [
 ]
 
 
-@pytest.mark.parametrize(
-    "row",
-    [pytest.param(row, marks=[pytest.mark.xfail(reason=row.wrong, strict=True)] if row.wrong
-                  else []) for row in ROWS],
-    ids=[row.name for row in ROWS],
-)
+@pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])
 def test_decide(row: Row) -> None:
     assert row.step.rule is row.rule, "the row names the rule of its step"
     step = decide(row.view)
@@ -300,7 +286,7 @@ def test_decide(row: Row) -> None:
 
 
 def test_rows_cover_every_rule() -> None:
-    covered = {row.rule for row in ROWS if row.wrong is None}
+    covered = {row.rule for row in ROWS}
     assert covered == set(Rule)
     assert len({row.name for row in ROWS}) == len(ROWS), "row names are unique"
 

@@ -9,16 +9,18 @@ view carries the time). The node (:mod:`.node`) runs the loop: it builds the vie
 1. ``FAILED``: a failure waiting cannot heal (permissions, TLS, a compacted cutoff): give up.
 2. ``CLOSED``: the run is closed: leave; a standby exits cleanly, the others with an error.
 3. ``ADMITTED``: the node's rank in a sealed round is known: done.
-4. ``TIMED_OUT``: ``join_timeout`` passed and the node's round is not sealed. A standby has
+4. ``TIMED_OUT``: ``join_timeout`` passed, and no sealed round may hold the node (its round
+   is open, or its roster left it out). A standby has
    no deadline (torch's redundancy list), and gets a whole ``join_timeout`` from the moment
    it stops standing by.
-5. ``ETCD_AWAY``: etcd did not answer the last call: wait a ``keep_alive_interval``.
+5. ``ETCD_AWAY``: etcd did not answer the last call: wait a ``keep_alive_interval``, then
+   count again.
 6. ``JOIN``: the node has no key under its current lease (its first join; its lease expired
    or a join failed): join the open round, which may be the round it was in.
 7. ``MIRROR_LAGGED``: a later round than the node's was sealed: join the open round.
 8. ``READ_RANK`` / ``LEFT_OUT``: the node's round is sealed: read its rank at the cutoff; if
    the roster left it out (it joined after the cutoff, or beyond ``max_nodes``), join the
-   next round.
+   open round.
 9. ``COUNT``: the counts of the node's round are older than an interval or than the last
    ``ctl/`` change: count again.
 10. ``MARK_WAITING`` / ``PREVIOUS_TRAINS``: the previous round is sealed and its members
@@ -70,7 +72,7 @@ class Rule(enum.Enum):
     JOIN = "a node with no key under its current lease joins the open round"
     MIRROR_LAGGED = "a later round was sealed: join the open round"
     READ_RANK = "the node's round is sealed: read its rank at the cutoff"
-    LEFT_OUT = "the roster left the node out: join the next round"
+    LEFT_OUT = "the roster left the node out: join the open round"
     COUNT = "counts older than an interval or a ctl/ change are read again"
     MARK_WAITING = "the previous round trains and has room: ask its members over"
     PREVIOUS_TRAINS = "the previous round trains: wait (stand by when it is full)"
@@ -199,8 +201,10 @@ class NodeView:
 
     @property
     def next_count(self) -> float:
-        """When the node's counts grow old."""
-        if self.counts is None or self.counts.read_at < self.changed_at:
+        """When the node's counts grow old: at once after a ``ctl/`` change or a call
+        etcd did not answer."""
+        if (self.counts is None or self.counts.read_at < self.changed_at
+                or self.unreachable is not None):
             return -math.inf
         return self.counts.read_at + self.settings.keep_alive_interval
 
@@ -237,8 +241,9 @@ class NodeView:
         return replace(self, admission=admission, unreachable=None)
 
     def after_silence(self, error: str) -> NodeView:
-        """etcd did not answer (a transient failure)."""
-        return replace(self, counts=None, unreachable=Unreachable(self.now, error))
+        """etcd did not answer (a transient failure). The counts are kept, so a standby
+        stays one, but counted again before they are acted on."""
+        return replace(self, unreachable=Unreachable(self.now, error))
 
     def after_failure(self, error: EtcdRendezvousError) -> NodeView:
         """A failure that waiting cannot heal."""
@@ -345,8 +350,9 @@ def decide(view: NodeView) -> Step:
     if view.admission is not None:
         return Admitted(view.admission)
     own_seal = view.seal_of(view.round) if view.round else None
+    in_sealed_round = own_seal is not None and view.left_out_of != view.round
     deadline = view.deadline
-    if now >= deadline and own_seal is None:
+    if now >= deadline and not in_sealed_round:
         return TimedOut(view.unreachable.error if view.unreachable is not None else None)
     if view.unreachable is not None and now < view.unreachable.at + settings.keep_alive_interval:
         return Wait(min(view.unreachable.at + settings.keep_alive_interval, deadline),
@@ -357,7 +363,7 @@ def decide(view: NodeView) -> Step:
         return Join(view.open_round, Rule.MIRROR_LAGGED)
     if own_seal is not None:
         if view.left_out_of == view.round:
-            return Join(view.round + 1, Rule.LEFT_OUT)
+            return Join(view.open_round, Rule.LEFT_OUT)
         return ReadRank(own_seal)
     if counts is None or now >= view.next_count:
         return Count(view.round)
