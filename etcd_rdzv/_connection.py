@@ -738,8 +738,10 @@ class EtcdClient:
                         backoff = _FOLLOW_BACKOFF_INITIAL
                         yield event
             except TransientError as exc:
-                log.info("following %s: %s; resuming from revision %d in %.1f s at most",
-                         _show(key), exc, revision, backoff)
+                # Said once per outage; its retries every few seconds only at debug level.
+                log.log(logging.INFO if backoff == _FOLLOW_BACKOFF_INITIAL else logging.DEBUG,
+                        "following %s: %s Resuming from revision %d.", _show(key), exc,
+                        revision)
             await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
             backoff = min(backoff * 2, _FOLLOW_BACKOFF_MAX)
 
