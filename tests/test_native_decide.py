@@ -207,6 +207,10 @@ ROWS = [
     # MIRROR_LAGGED: the node's round is unsealed, a later one sealed.
     Row("mirror_lagged", Rule.MIRROR_LAGGED, watched(joined(1, 1), seals=[seal(2)]),
         Join(3, Rule.MIRROR_LAGGED)),
+    # A seal key another program wrote: that round can never be sealed, so it is taken.
+    Row("own_round_taken_by_an_unreadable_seal", Rule.MIRROR_LAGGED,
+        replace(joined(1, 1), control=replace(joined(1, 1).control, taken=frozenset({1}))),
+        Join(2, Rule.MIRROR_LAGGED)),
     Row("mirror_lagged_own_seal_cleaned_up", Rule.MIRROR_LAGGED,
         watched(joined(2, 1, seals=[seal(1)]), seals=[seal(3), seal(4)]),
         Join(5, Rule.MIRROR_LAGGED)),

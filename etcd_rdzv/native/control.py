@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 #: Before reading the keys again when etcd did not answer a read after a broken watch
 #: (the watch itself retries with its own backoff): short, since waiting nodes act on it.
 _RELOAD_PAUSE = 0.5
+#: Unreadable keys already logged in this process.
+_reported: set[bytes] = set()
 
 #: What one change of a ``ctl/`` key means to somebody who acts on it.
 ControlChange = Literal["sealed", "unsealed", "waiting", "not_waiting", "closed", "reopened",
@@ -51,11 +53,14 @@ class ControlSnapshot:
     closed: bool
     revision: int
     """The revision the view was current as of."""
+    taken: frozenset[int] = frozenset()
+    """Rounds whose seal key holds a value this version cannot read: no node can be
+    admitted to them, so nodes join a later round."""
 
     @property
     def latest_round(self) -> int:
-        """The latest sealed round (0: none)."""
-        return max(self.seals, default=0)
+        """The latest sealed (or taken) round (0: none)."""
+        return max(max(self.seals, default=0), max(self.taken, default=0))
 
 
 @dataclass
@@ -86,8 +91,10 @@ class ControlView:
         return self.seals[max(self.seals)] if self.seals else None
 
     def snapshot(self) -> ControlSnapshot:
+        taken = frozenset(parsed.round for parsed in map(self.keys.parse_native, self.unreadable)
+                          if parsed is not None and parsed.kind == "seal")
         return ControlSnapshot(dict(self.seals), frozenset(self.waiting), self.closed,
-                               self.revision)
+                               self.revision, taken)
 
     def apply(self, key: bytes, value: bytes | None) -> ControlChange | None:
         """Mirror one key (``value`` None: deleted); what the change means, or None when it
@@ -131,10 +138,11 @@ class ControlView:
         return "waiting"
 
     def _unreadable(self, key: bytes, value: bytes | None) -> None:
-        if key not in self.unreadable:
+        self.unreadable.add(key)
+        if key not in _reported:  # once per process: views are rebuilt (a scrape, a status)
+            _reported.add(key)
             log.warning("%r holds %r, which this version of etcd_rdzv does not understand; "
                         "left out (another program wrote it?)", key, (value or b"")[:80])
-        self.unreadable.add(key)
 
 
 class ControlFeed:

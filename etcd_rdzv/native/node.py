@@ -249,7 +249,10 @@ class AsyncNativeRendezvous:
         counted = replace(view, now=time.monotonic()).after_count(counts)
         if counted.now < counted.seal_due:
             return counted  # fewer nodes now, or members came back: the rules decide again
-        seal = await self._requests.seal(round_, counts, revision, self._feed.view.run_lease)
+        try:
+            seal = await self._requests.seal(round_, counts, revision, self._feed.view.run_lease)
+        except ValueError as exc:  # another program wrote the key: the round is taken
+            return counted.after_silence(f"{self._keys.seal(round_)!r}: {exc}")
         if seal.sealer == str(self._node):
             log.info("node %s sealed round %d of %r with %d nodes", self._node, round_,
                      self._keys.run_id, seal.size)

@@ -133,7 +133,11 @@ class RoundRequests:
     async def seal(self, round_: int, counted: Counts, revision: int, run_lease: int) -> Seal:
         """Seal ``round_`` with the nodes ``counted`` at ``revision`` (the first
         ``max_nodes`` of them when more joined); the seal that holds: this one, or the one
-        of the node that was quicker."""
+        of the node that was quicker.
+
+        Raises:
+            ValueError: the seal key holds a value that is no seal (another program wrote it).
+        """
         deadline = self._deadline()
         cutoff, size = revision, counted.joined
         if size > self._settings.max_nodes:

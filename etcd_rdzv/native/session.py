@@ -27,7 +27,7 @@ from typing import TypeVar
 from .._connection import EtcdClient
 from ..cas import Expect, compare_and_swap
 from ..deadline import Deadline
-from ..errors import EtcdRendezvousError, LeaseNotFoundError, TransientError
+from ..errors import EtcdRendezvousError, EtcdStateError, LeaseNotFoundError, TransientError
 from ..keys import RunKeys
 from .model import NativeSettings, NodeId
 
@@ -72,7 +72,13 @@ async def run_lease(client: EtcdClient, keys: RunKeys, ttl: int, deadline: Deadl
     ``ttl`` seconds that this call names there (exactly one of concurrent callers wins)."""
     current = (await client.get(keys.run_lease, deadline)).kvs
     if current:
-        return int(current[0].value, 16)
+        try:
+            return int(current[0].value, 16)
+        except ValueError:
+            raise EtcdStateError(
+                f"{keys.run_lease.decode()!r} holds {bytes(current[0].value)[:80]!r}, not a "
+                f"lease id: another program wrote it. Delete the key (etcd-rdzv cleanup, or "
+                f"etcdctl del) or use another --rdzv-id.") from None
     lease = await client.grant_lease(ttl, deadline)
     # The value names this lease, so it is unique to this write (tagged): a write whose
     # answer was lost is known to have landed when the key holds it.
