@@ -23,9 +23,9 @@ from typing import ClassVar, Literal
 
 from aetcd import rpc, utils
 
-from .._connection import EtcdClient
+from .._connection import UNTIL_CANCELLED, EtcdClient
 from ..deadline import Deadline
-from ..errors import CompactedError, EtcdRendezvousError, TransientError
+from ..errors import CompactedError, EtcdRendezvousError
 from ..keys import RunKeys
 from .model import Seal
 
@@ -33,9 +33,9 @@ __all__ = ["ControlChange", "ControlFeed", "ControlSnapshot", "ControlView"]
 
 log = logging.getLogger(__name__)
 
-#: Before reading the keys again when etcd did not answer a read after a broken watch
-#: (the watch itself retries with its own backoff): short, since waiting nodes act on it.
-_RELOAD_PAUSE = 0.5
+#: Before reading the keys afresh after an unexpected failure of the watch: long enough not
+#: to spin on a bug, short next to a node's lease TTL.
+_AFTER_A_BUG = 1.0
 #: Unreadable keys already logged in this process.
 _reported: set[bytes] = set()
 
@@ -254,20 +254,20 @@ class ControlFeed:
                         self.view.revision = event.revision
                         if change is not None and change != "run_lease":
                             self.wake()
+                raise AssertionError("a follow ends only by raising")
             except CompactedError:
                 log.info("the control watch of %r: history compacted; reading afresh",
                          self._keys.run_id)
-            except TransientError as exc:
-                log.debug("the control watch of %r broke (%s); reading afresh",
-                          self._keys.run_id, exc)
             except EtcdRendezvousError as exc:
                 self.failure = exc
                 self.wake()
                 return
+            except Exception:  # a bug here must not leave the nodes blind: read afresh
+                log.exception("the control watch of %r failed; reading the keys afresh",
+                              self._keys.run_id)
+                await asyncio.sleep(_AFTER_A_BUG)
             try:
-                await self._load(Deadline.after(client.config.read_timeout))
-            except TransientError:
-                await asyncio.sleep(_RELOAD_PAUSE)
+                await self._load(UNTIL_CANCELLED)  # through an outage, as the follow does
             except EtcdRendezvousError as exc:
                 self.failure = exc
                 self.wake()

@@ -320,7 +320,7 @@ class AsyncNativeRendezvous:
     async def shutdown(self) -> bool:
         """torch's ``shutdown``: close the run for everyone, then leave it.
 
-        Returns False (with a warning) when etcd did not answer.
+        Returns False (with a warning) when etcd did not answer, or refused the close.
         """
         try:
             await self.set_closed()
