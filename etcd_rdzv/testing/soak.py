@@ -19,10 +19,10 @@ Policy:
   one that happens. torchrun's agents are processes, too.
 * **Nodes are driven as torch's agent drives a handler**: ``next_rendezvous()``, then
   "training", polling ``num_nodes_waiting()`` every 0.2 to 0.5 s, and rendezvous again when
-  it turns positive. When a member of a round dies (crash, graceful leave), torch's
-  surviving workers fail their collectives and their agents rendezvous again; the driver,
-  which knows what it killed, tells the survivors of that round to do so after a small
-  random delay. A rank nobody holds (its node died before it said so) fails the
+  it turns positive. When a member of a round dies (crash, graceful leave) or rendezvouses
+  again, the workers of the round's other members fail their collectives and their agents
+  rendezvous again; the driver, which knows what it killed and who left, tells them to do
+  so after a small random delay. A rank nobody holds (its node died before it said so) fails the
   collectives the same way: the driver tells that round's members after
   :data:`MISSING_RANK_AFTER`.
 * **Faults** are drawn from a :class:`random.Random` seeded with the seed: a node crashed
@@ -40,9 +40,14 @@ Policy:
   ``min_nodes..max_nodes``; each rank below the world size; rounds strictly increasing per
   node; no exception escaping ``next_rendezvous`` (``RunClosedError`` and
   ``StandbyExitError`` only after the driver closed the run).
-* **Liveness**: once faults stop, every live node that is not a standby is a member of one
-  final round with ranks ``0..W-1``, and the nodes outside it are standbys of a full round,
-  within :func:`liveness_bound` seconds (its docstring gives the sum).
+* **Liveness**: faults come in bursts (:attr:`SoakConfig.burst_seconds`), some of them
+  of etcd faults only (:attr:`SoakConfig.etcd_only_bursts`). Once a burst has
+  stopped, every live node that is not a standby is a member of one final round with ranks
+  ``0..W-1``, the nodes outside it are standbys of a full round, and each of those holds a
+  join key past the final round in etcd, within :func:`liveness_bound` seconds (its
+  docstring gives the sum). The join keys are the driver's one look into etcd: a waiting
+  node without one can never be counted by ``num_nodes_waiting()``, so it waits for
+  nothing, and no call of the API shows it.
 * **The end**: the rank-0 member closes the run (``shutdown()``) and the other members
   rendezvous again, as torch's agents do when a member's workers stop. The standbys must then
   get :class:`~etcd_rdzv.StandbyExitError`, the members
@@ -71,10 +76,15 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar
+
+if TYPE_CHECKING:
+    from .cluster import EtcdCluster
+
+T = TypeVar("T")
 
 __all__ = [
     "CLOSE_BOUND",
@@ -101,7 +111,9 @@ POLL_INTERVAL = (0.2, 0.5)
 #: collectives fail on a closed connection at once, or on the next step.
 CRASH_NOTICE_DELAY = (0.1, 1.0)
 #: After this many seconds a round whose ranks are not all held (a member died before it
-#: reported its rank) is restarted, as its members' collectives would time out.
+#: reported its rank) is restarted, as its members' collectives would time out: longer
+#: than a live member takes to read its rank after the seal, even across a paused member
+#: (``request_timeout``, then the next one) or a leader election.
 MISSING_RANK_AFTER = 5.0
 #: The settled state must hold this long before the soak calls it final: longer than a
 #: node's wake-up (a keep-alive tick) plus an agent's poll, so a node about to ask for a
@@ -129,6 +141,8 @@ EXTRA_NODES = 2
 #: orders them too, and their lexical order differs from their numeric one (``10.0.0.10``
 #: before ``10.0.0.2``; ``-`` before ``.``).
 ADDRESSES = ("10.0.0.1", "10.0.0.10", "10.0.0.2", "host", "host-b", "host.b")
+#: Where the soak's runs keep their keys in etcd (each run has an id of its own).
+KEY_PREFIX = "/etcd-rdzv-soak"
 #: The most events printed for one violation (the latest ones).
 HISTORY_LINES = 400
 #: A node's own events shown for a violation that names it (the latest ones).
@@ -136,15 +150,15 @@ NODE_EVENT_LINES = 60
 #: Lines of a node's log shown for a violation that names it.
 LOG_TAIL_LINES = 25
 
-#: A fault the soak injects.
-FaultKind = str
-#: The faults and how often each is drawn (weights).
+#: A fault the soak injects: a node killed (and replaced), a training node leaving (and
+#: replaced), an extra node, the etcd leader killed and restarted, a member paused.
+FaultKind = Literal["crash", "leave", "standby", "leader", "pause"]
+#: How often each fault is drawn (weights). Pauses most: they are the subtle fault, live
+#: nodes losing their leases; crashes next, each a new round; a standby is rarer, since
+#: extra nodes stay until a crash or a leave takes one.
 FAULT_WEIGHTS: tuple[tuple[FaultKind, float], ...] = (
     ("crash", 3.0), ("leave", 2.0), ("standby", 1.0), ("leader", 1.5), ("pause", 3.5))
 _CLUSTER_FAULTS = frozenset({"leader", "pause"})
-
-#: What ``next_rendezvous`` may raise, and only once the run is closed.
-_CLOSED_ERRORS = ("RunClosedError", "StandbyExitError")
 
 
 # --- what happened, and the checker ------------------------------------------------------
@@ -286,6 +300,10 @@ class SoakChecker:
     def live_nodes(self) -> list[str]:
         return sorted((n for n in self._status if self.live(n)), key=_label_order)
 
+    def node_id(self, node: str) -> tuple[str, int, int] | None:
+        """``node``'s descriptor, once it said hello."""
+        return self._ids.get(node)
+
     def status(self, node: str) -> str:
         """``starting``, ``joining``, ``training``, ``leaving``, ``gone`` or ``unknown``."""
         return self._status.get(node, "unknown")
@@ -375,10 +393,15 @@ class SoakChecker:
 
     # --- liveness and the end --------------------------------------------------------------
 
-    def unsettled(self) -> list[str]:
+    def unsettled(self, join_keys: Mapping[str, Sequence[int]] | None = None) -> list[str]:
         """Why the run is not in a final state (empty when it is): every live node a member
         of one latest round, its ranks ``0..W-1``; any other live node waiting, as a
-        standby of a full round."""
+        standby of a full round.
+
+        ``join_keys``, if given, maps each node to the rounds of its join keys in etcd: a
+        waiting node must then hold one past the final round, or no member can ever count
+        it (``num_nodes_waiting()``) and it waits for nothing.
+        """
         live = self.live_nodes
         if not live:
             return ["no node is live"]
@@ -395,9 +418,14 @@ class SoakChecker:
         if ranks != list(range(size)):
             problems.append(f"round {final}'s live members hold ranks {ranks} of a world of "
                             f"{size}")
+        waiting = [n for n in live if self._status[n] == "joining"]
         if size < self.max_nodes:
             problems += [f"{n} waits while round {final} has room ({size} < max_nodes="
-                         f"{self.max_nodes})" for n in live if self._status[n] == "joining"]
+                         f"{self.max_nodes})" for n in waiting]
+        if join_keys is not None:
+            problems += [f"{n} waits with no join key in etcd past round {final} (it holds "
+                         f"{_rounds(join_keys.get(n, ()))}): no member can count it"
+                         for n in waiting if not any(r > final for r in join_keys.get(n, ()))]
         return problems
 
     def standbys(self) -> list[str]:
@@ -411,11 +439,12 @@ class SoakChecker:
             return []
         return [n for n in self.live_nodes if self._status[n] == "joining"]
 
-    def check_liveness(self, at: float, bound: float,
-                       since: str = "the faults stopped") -> list[Violation]:
+    def check_liveness(self, at: float, bound: float, since: str = "the faults stopped",
+                       join_keys: Mapping[str, Sequence[int]] | None = None,
+                       ) -> list[Violation]:
         """Record the run's not having settled within ``bound`` seconds of ``since`` as a
-        violation."""
-        problems = self.unsettled()
+        violation (``join_keys`` as for :meth:`unsettled`)."""
+        problems = self.unsettled(join_keys)
         if not problems:
             return []
         round_ = self.latest_round
@@ -454,8 +483,20 @@ class SoakChecker:
         return len(self.rounds), sum(e.kind == "admitted" for e in self.history)
 
 
+def _node_name(node_id: tuple[str, int, int]) -> bytes:
+    """The node's name in its join keys."""
+    from etcd_rdzv import NodeId
+
+    return NodeId(*node_id).name
+
+
 def _show_id(node_id: tuple[str, int, int]) -> str:
     return f"{node_id[0]}_{node_id[1]}_{node_id[2]}"
+
+
+def _rounds(rounds: Iterable[int]) -> str:
+    shown = sorted(rounds)
+    return "keys of rounds " + ", ".join(map(str, shown)) if shown else "none"
 
 
 def _label_order(label: str) -> tuple[int, str]:
@@ -476,24 +517,29 @@ class SoakConfig:
     nodes: int = 7
     """Nodes kept alive: one more than ``max_nodes``, so that a standby always waits."""
     min_nodes: int = 3
+    """Low, so rounds form in spite of the crashes; drawn 3 or 4 by :meth:`for_seed`."""
     max_nodes: int = 6
+    """Below ``nodes``, so rounds fill and nodes stand by."""
     keep_alive_interval: float = 0.5
     """Short, so a member paused for a few seconds outlasts a node's lease."""
     keep_alive_max_attempt: int = 4
     """With the interval, a node's lease TTL: ``ceil(0.5 * 3) = ceil(0.5 * 4) = 2`` s."""
     last_call_timeout: float = 0.75
+    """Short, so rounds form within the bursts; drawn 0.5 to 1 s by :meth:`for_seed`."""
     join_timeout: float = 60.0
     """Long enough not to fire under the faults, short enough that a stuck node fails."""
     heartbeat_timeout: float = 1.0
     """The deadline of one keep-alive, twice the interval."""
     close_timeout: float = 10.0
+    """How long closing the run may take (torch's default is 30 s; etcd is healthy then)."""
     ttl: int = 120
     """The run lease's TTL: longer than any etcd fault, so the run's keys outlive them."""
     read_timeout: float = 30.0
     """A node's deadline for one etcd operation, retries included."""
-    request_timeout: float = 2.0
+    request_timeout: float = 3.0
     """One attempt's deadline: a waiting node on a paused member moves to the next member
-    after this long, so a pause longer than the lease TTL can expire its lease first."""
+    after this long, longer than its lease's TTL, so that a long pause expires the leases
+    of waiting nodes too, not only of training ones (which send no request to move on)."""
     pause_seconds: tuple[float, float] = (0.5, 3.0)
     """How long a paused member stays paused."""
     leader_down_seconds: tuple[float, float] = (0.5, 3.0)
@@ -505,6 +551,10 @@ class SoakConfig:
     has settled (within :func:`liveness_bound`). A state the faults left stuck then shows
     where it arose, instead of being undone by the next fault (a replacement node joining,
     say) and never seen."""
+    etcd_only_bursts: float = 0.35
+    """The share of bursts with etcd faults only (leader kills, pauses) and no node fault:
+    nodes that lost their leases to a pause are then left to recover by themselves, as
+    when etcd has trouble and the job does not."""
 
     def __post_init__(self) -> None:
         if self.nodes < self.min_nodes or self.max_nodes < self.min_nodes:
@@ -766,7 +816,7 @@ def _open_log(path: Path) -> IO[bytes]:
 
 
 class _Driver:
-    def __init__(self, config: SoakConfig, cluster: Any, workdir: Path,
+    def __init__(self, config: SoakConfig, cluster: EtcdCluster, workdir: Path,
                  progress: Callable[[str], None] | None) -> None:
         self.config = config
         self.cluster = cluster
@@ -777,13 +827,15 @@ class _Driver:
         self.jitter = random.Random(config.seed + 7919)
         self.checker = SoakChecker(config.min_nodes, config.max_nodes)
         self.nodes: dict[str, _Node] = {}
-        self.faults: Counter[str] = Counter()
+        self.faults: Counter[FaultKind] = Counter()
         self.started = time.monotonic()
         self.wall_started = time.time()
         self.run_id = f"soak-{config.seed}-{uuid.uuid4().hex[:6]}"
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self.tasks: set[asyncio.Future[Any]] = set()
         self.restarted_for_missing: set[int] = set()
         self.closing = False
+        #: The cluster calls running in threads (kills, restarts).
+        self.threads: set[asyncio.Future[Any]] = set()
         #: Set (and replaced) on every event.
         self.changed = asyncio.Event()
 
@@ -812,10 +864,12 @@ class _Driver:
     def note(self, kind: str, node: str = "", detail: str = "") -> None:
         self.record(SoakEvent(self.now(), kind, node, detail=detail))
 
-    def background(self, coroutine: Any) -> None:
+    def background(self, coroutine: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+        """Run ``coroutine`` as a task that :meth:`run` cancels and awaits at the end."""
         task = asyncio.ensure_future(coroutine)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
     # --- nodes --------------------------------------------------------------------------------
 
@@ -828,7 +882,7 @@ class _Driver:
         endpoints = [self.cluster.members[(member + i) % members].endpoint
                      for i in range(members)]
         spec = {"label": label, "endpoints": endpoints, "run_id": self.run_id,
-                "key_prefix": "/etcd-rdzv-soak", "settings": self.config.settings(),
+                "key_prefix": KEY_PREFIX, "settings": self.config.settings(),
                 "read_timeout": self.config.read_timeout,
                 "request_timeout": self.config.request_timeout,
                 "addr": self.rng.choice(ADDRESSES), "seed": self.rng.randrange(2**32),
@@ -884,10 +938,14 @@ class _Driver:
             self.record(SoakEvent(now, kind, label))
             if round_:
                 self.member_gone(label, round_)
-        elif kind == "waiting":
-            self.record(SoakEvent(now, kind, label, detail=f"{message.get('count')} waiting"))
         else:
-            self.record(SoakEvent(now, kind, label, node_id=ident))
+            # A member that leaves its round to rendezvous again stops its workers: the
+            # collectives of the round's other members fail, and their agents follow.
+            round_ = self.round_of(label) if kind in ("waiting", "joining") else 0
+            detail = f"{message.get('count')} waiting" if kind == "waiting" else ""
+            self.record(SoakEvent(now, kind, label, node_id=ident, detail=detail))
+            if round_:
+                self.member_gone(label, round_, "rendezvouses again")
 
     def round_of(self, label: str) -> int:
         """The round ``label`` trains in (0: it is not training)."""
@@ -902,12 +960,12 @@ class _Driver:
         if self.population() < self.config.nodes and not self.closing:
             self.background(self.spawn())
 
-    def member_gone(self, label: str, round_: int) -> None:
-        """A member of ``round_`` died or left: its survivors' collectives fail."""
+    def member_gone(self, label: str, round_: int, what: str = "is gone") -> None:
+        """A member of ``round_`` died, left or restarted: its peers' collectives fail."""
         for other in self.checker.training_in(round_):
             if other != label:
                 self.background(self.tell_restart(other, round_, f"{label} of round "
-                                                  f"{round_} is gone"))
+                                                  f"{round_} {what}"))
 
     async def tell_restart(self, label: str, round_: int, why: str) -> None:
         await asyncio.sleep(self.jitter.uniform(*CRASH_NOTICE_DELAY))
@@ -948,13 +1006,14 @@ class _Driver:
 
     # --- faults -------------------------------------------------------------------------------
 
-    async def inject_faults(self, seconds: float) -> None:
-        from .faults import Faults
-
-        faults = Faults(self.cluster)
-        cluster_fault: asyncio.Task[None] | None = None
-        kinds = [kind for kind, _ in FAULT_WEIGHTS]
-        weights = [weight for _, weight in FAULT_WEIGHTS]
+    async def inject_faults(self, seconds: float, etcd_only: bool = False) -> None:
+        """Faults for ``seconds``, drawn from the seeded generator (etcd's only, if
+        ``etcd_only``); see the module's policy."""
+        cluster_fault: asyncio.Future[None] | None = None
+        drawn = [(kind, weight) for kind, weight in FAULT_WEIGHTS
+                 if kind in _CLUSTER_FAULTS or not etcd_only]
+        kinds = [kind for kind, _ in drawn]
+        weights = [weight for _, weight in drawn]
         stop = self.now() + seconds
         while self.now() < stop:
             await asyncio.sleep(self.rng.uniform(*self.config.fault_gap))
@@ -963,11 +1022,10 @@ class _Driver:
             if kind in _CLUSTER_FAULTS:
                 if cluster_fault is not None:
                     await cluster_fault  # one etcd fault at a time: the cluster keeps quorum
-                seconds = self.rng.uniform(*(self.config.pause_seconds if kind == "pause"
-                                             else self.config.leader_down_seconds))
+                duration = self.rng.uniform(*(self.config.pause_seconds if kind == "pause"
+                                              else self.config.leader_down_seconds))
                 member = self.rng.randrange(len(self.cluster.members))
-                cluster_fault = asyncio.ensure_future(
-                    self.cluster_fault(faults, kind, member, seconds))
+                cluster_fault = self.background(self.cluster_fault(kind, member, duration))
                 continue
             live = [n for n in self.checker.live_nodes if self.checker.status(n) != "starting"]
             if kind == "leave":
@@ -993,17 +1051,31 @@ class _Driver:
         if cluster_fault is not None:
             await cluster_fault
 
-    async def cluster_fault(self, faults: Any, kind: str, member: int, seconds: float) -> None:
+    async def cluster_fault(self, kind: FaultKind, member: int, seconds: float) -> None:
+        """Pause ``member``, or kill the leader, for ``seconds``."""
         self.faults[kind] += 1
         if kind == "pause":
+            self.cluster.pause(member)
             self.note("fault", detail=f"pause etcd member {member} for {seconds:.2f} s")
-            await faults.pause_and_resume(member, seconds)
-            self.note("fault", detail=f"resumed etcd member {member}")
+            try:
+                await asyncio.sleep(seconds)
+            finally:
+                self.cluster.resume(member)
+                self.note("fault", detail=f"resumed etcd member {member}")
             return
-        leader = await asyncio.to_thread(self.cluster.leader_index)
+        leader = await self.blocking(self.cluster.leader_index)
+        await self.blocking(self.cluster.kill, leader)
         self.note("fault", detail=f"kill etcd leader (member {leader}) for {seconds:.2f} s")
-        await faults.kill_and_restart(leader, seconds)
+        await asyncio.sleep(seconds)
+        await self.blocking(self.cluster.restart, leader)
         self.note("fault", detail=f"restarted etcd member {leader}")
+
+    async def blocking(self, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)`` in a thread, which :meth:`run` awaits even when this task is
+        cancelled: a restart left running would start a member after the cluster stopped."""
+        thread = asyncio.ensure_future(asyncio.to_thread(call, *args))
+        self.threads.add(thread)
+        return await asyncio.shield(thread)
 
     # --- phases -------------------------------------------------------------------------------
 
@@ -1012,6 +1084,7 @@ class _Driver:
         or None after ``bound`` seconds (recorded as a liveness violation)."""
         began = self.now()
         quiet_since: float | None = None
+        said = ""
         while True:
             now = self.now()
             if self.checker.unsettled():
@@ -1019,11 +1092,36 @@ class _Driver:
             elif quiet_since is None:
                 quiet_since = now
             elif now - quiet_since >= QUIET_SECONDS:
-                return quiet_since - began
+                invisible = self.checker.unsettled(await self.join_keys())
+                if not invisible:
+                    return quiet_since - began
+                if "; ".join(invisible) != said:
+                    said = "; ".join(invisible)
+                    self.note("note", detail=said)
+                quiet_since = None
             if now - began > bound:
-                self.checker.check_liveness(now, bound, since)
+                self.checker.check_liveness(now, bound, since, await self.join_keys())
                 return None
             await asyncio.sleep(0.1)
+
+    async def join_keys(self) -> dict[str, list[int]]:
+        """The rounds of each node's join keys in etcd (read by the driver, not a node)."""
+        from etcd_rdzv import Deadline, EtcdClient, RunKeys
+
+        keys = RunKeys(self.run_id, KEY_PREFIX)
+        labels = {}
+        for label in self.checker.live_nodes:
+            ident = self.checker.node_id(label)
+            if ident is not None:
+                labels[_node_name(ident)] = label
+        found: dict[str, list[int]] = {}
+        async with EtcdClient(self.cluster.client_config(read_timeout=10)) as client:
+            response = await client.get_prefix(keys.rounds_prefix, Deadline.after(10))
+        for kv in response.kvs:
+            parsed = keys.parse_native(bytes(kv.key))
+            if parsed is not None and parsed.kind == "member" and parsed.node_name in labels:
+                found.setdefault(labels[parsed.node_name], []).append(parsed.round)
+        return found
 
     async def close(self) -> None:
         """Close the run through the final round's rank 0; the others learn of it."""
@@ -1062,9 +1160,11 @@ class _Driver:
             left = config.seconds
             while healed and left > 0:
                 burst = min(left, self.rng.uniform(*config.burst_seconds))
+                etcd_only = self.rng.random() < config.etcd_only_bursts
                 left -= burst
-                self.note("note", detail=f"a burst of faults for {burst:.1f} s")
-                await self.inject_faults(burst)
+                self.note("note", detail=f"a burst of {'etcd ' if etcd_only else ''}faults "
+                          f"for {burst:.1f} s")
+                await self.inject_faults(burst, etcd_only)
                 self.note("note", detail="faults stopped")
                 took = await self.settle(liveness_bound(config), "the faults stopped")
                 healed = took is not None
@@ -1074,10 +1174,12 @@ class _Driver:
                           else "did not settle")
             await self.close()
         finally:
-            watchdog.cancel()
-            for task in list(self.tasks):
+            tasks = [watchdog, *self.tasks]
+            for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self.stop_nodes()
+            await asyncio.gather(*self.threads, return_exceptions=True)
         rounds, admissions = self.checker.counts()
         return SoakReport(config, dict(self.faults), rounds, admissions,
                           tuple(self.checker.violations), len(settled),
@@ -1099,6 +1201,7 @@ class _Driver:
     def details(self) -> str:
         """Each violation's history and the log tails of its nodes."""
         parts: list[str] = []
+        shown: set[str] = set()
         for violation in self.checker.violations:
             start, end = violation.window
             events = self.checker.events_between(start, end)
@@ -1108,6 +1211,10 @@ class _Driver:
                          + ":")
             parts += [f"  {event}" for event in events[left_out:]]
             for label in violation.nodes:
+                if label in shown:
+                    parts.append(f"{label}'s events and log: above")
+                    continue
+                shown.add(label)
                 own = [e for e in self.checker.history if e.node == label]
                 parts.append(f"{label}'s own events ({len(own)}, the last "
                              f"{min(len(own), NODE_EVENT_LINES)}):")
@@ -1130,12 +1237,10 @@ async def soak(config: SoakConfig, *, progress: Callable[[str], None] | None = N
     directory = Path(tempfile.mkdtemp(prefix="etcd-rdzv-soak-")) if workdir is None \
         else Path(workdir)
     directory.mkdir(parents=True, exist_ok=True)
-    cluster = EtcdCluster(3)
-    await asyncio.to_thread(cluster.start)
-    try:
+    # Started and stopped on the loop's thread: nothing else runs yet, or any more, and an
+    # interrupt then stops the members instead of leaving a thread to start them.
+    with EtcdCluster(3) as cluster:
         report = await _Driver(config, cluster, directory, progress).run()
-    finally:
-        await asyncio.to_thread(cluster.stop)
     report = replace(report, elapsed=time.monotonic() - started)
     if own_dir and report.ok:
         for path in directory.iterdir():
@@ -1150,7 +1255,12 @@ def run_soak(config: SoakConfig, *, progress: Callable[[str], None] | None = Non
     return asyncio.run(soak(config, progress=progress, workdir=workdir))
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds: etcd's members and the nodes are stopped
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminated)
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seconds", type=float, default=120.0,
                         help="how long faults are injected (default 120)")
