@@ -288,7 +288,7 @@ class SoakChecker:
                 self._exit(event)
             if kind == "shutdown" and event.detail != "ok":
                 self.flag("close", f"{node}'s shutdown() failed: {event.detail}",
-                              event.at, nodes=(node,))
+                          event.at, nodes=(node,))
             self._status[node] = "gone"
         return self.violations[before:]
 
@@ -328,26 +328,26 @@ class SoakChecker:
         previous = self._admission.get(node)
         if previous is not None and round_ <= previous.round:
             self.flag("round-order", f"{node} was admitted to round {round_} after round "
-                          f"{previous.round}", event.at, round_, (node,))
+                      f"{previous.round}", event.at, round_, (node,))
         self._admission[node] = event
         record = self.rounds.setdefault(round_, _Round(event.at))
         record.last_at = event.at
         if not self.min_nodes <= size <= self.max_nodes:
             self.flag("world-size", f"{node} got a world of {size}, outside min_nodes="
-                          f"{self.min_nodes}..max_nodes={self.max_nodes}", event.at, round_,
-                          (node,))
+                      f"{self.min_nodes}..max_nodes={self.max_nodes}", event.at, round_,
+                      (node,))
         if record.world_sizes and size not in record.world_sizes:
             self.flag("world-size", f"{node} got a world of {size}, others of "
-                          f"{sorted(record.world_sizes)}", event.at, round_,
-                          (node, *record.ranks.values()))
+                      f"{sorted(record.world_sizes)}", event.at, round_,
+                      (node, *record.ranks.values()))
         record.world_sizes.add(size)
         if not 0 <= rank < size:
             self.flag("rank-range", f"{node} got rank {rank} in a world of {size}",
-                          event.at, round_, (node,))
+                      event.at, round_, (node,))
         holder = record.ranks.get(rank)
         if holder is not None and holder != node:
             self.flag("rank-twice", f"rank {rank} is held by {holder} and by {node}",
-                          event.at, round_, (holder, node))
+                      event.at, round_, (holder, node))
         mine = self._ids.get(node)
         for other_rank, other in sorted(record.ranks.items()):
             theirs = self._ids.get(other)
@@ -356,24 +356,23 @@ class SoakChecker:
             # torch sorts _NodeDesc(addr, pid, local_id) as tuples: that is the rank order.
             if (mine < theirs) != (rank < other_rank):
                 self.flag("order", f"{node} {_show_id(mine)} has rank {rank} and {other} "
-                              f"{_show_id(theirs)} rank {other_rank}: not torch's order of "
-                              "node descriptors", event.at, round_, (node, other))
+                          f"{_show_id(theirs)} rank {other_rank}: not torch's order of "
+                          "node descriptors", event.at, round_, (node, other))
         if holder is None:
             record.ranks[rank] = node
 
     def _exit(self, event: SoakEvent) -> None:
         node = event.node
         if not self._closing:
-            self.flag("exception", f"{event.error} escaped {node}'s next_rendezvous "
-                          f"before the run was closed: {event.detail}", event.at,
-                          nodes=(node,))
+            self.flag("exception", f"{event.error} escaped {node}'s rendezvous before the "
+                      f"run was closed: {event.detail}", event.at, nodes=(node,))
             return
         expected = "StandbyExitError" if node in self._standbys else "RunClosedError"
         if event.error != expected:
             role = "a standby" if node in self._standbys else "not a standby"
             self.flag("close", f"{node} ({role}) got {event.error or 'no error'} from "
-                          f"next_rendezvous after the close, not {expected}: {event.detail}",
-                          event.at, nodes=(node,))
+                      f"next_rendezvous after the close, not {expected}: {event.detail}",
+                      event.at, nodes=(node,))
 
     def flag(self, kind: str, message: str, at: float, round_: int = 0,
              nodes: tuple[str, ...] = ()) -> Violation:
@@ -470,7 +469,7 @@ class SoakChecker:
     def check_closed(self, at: float) -> list[Violation]:
         """The nodes still live once every node should have exited."""
         found = [self.flag("close", f"{n} ({self._status[n]}) did not exit after the "
-                               "run was closed", at, nodes=(n,)) for n in self.live_nodes]
+                           "run was closed", at, nodes=(n,)) for n in self.live_nodes]
         return found
 
     # --- presenting ------------------------------------------------------------------------
@@ -697,13 +696,13 @@ async def _run_node(spec: Mapping[str, Any]) -> int:
     """One node, driven as torch's agent drives a handler; see the module docstring."""
     from etcd_rdzv import (
         AsyncNativeRendezvous,
+        Endpoint,
         EtcdClient,
         EtcdConfig,
         NativeSettings,
         NodeId,
         RunKeys,
     )
-    from etcd_rdzv.config import Endpoint
 
     endpoints = tuple(Endpoint(host, int(port)) for host, port in
                       (text.rsplit(":", 1) for text in spec["endpoints"]))
@@ -913,9 +912,12 @@ class _Driver:
         if self.checker.live(label) or self.checker.status(label) == "leaving":
             if node.killed:
                 return
+            round_ = self.round_of(label)
             self.record(SoakEvent(self.now(), "died", label, detail=f"exit code {code}"))
             self.checker.flag("died", f"{label}'s process ended without a word (exit code "
                               f"{code})", self.now(), nodes=(label,))
+            if round_:
+                self.member_gone(label, round_)
             self.replace_if_needed()
 
     def on_message(self, node: _Node, message: Mapping[str, Any]) -> None:
