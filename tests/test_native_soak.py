@@ -12,7 +12,7 @@ import os
 import pytest
 
 from etcd_rdzv.testing.soak import (
-    CLOSE_BOUND,
+    EtcdLook,
     SoakChecker,
     SoakConfig,
     SoakEvent,
@@ -176,13 +176,23 @@ def test_a_waiting_node_without_a_join_key_in_etcd_is_not_settled() -> None:
     story.admit("n0", 4, 0, 2)
     story.admit("n1", 4, 1, 2)
     assert story.checker.standbys() == ["n2", "n3"]
-    keys = {"n0": [4], "n1": [4], "n2": [5], "n3": [4]}  # n3's key of round 4 was left out
+    keys = {"n0": (4,), "n1": (4,), "n2": (5,), "n3": (4,)}  # n3 was left out of round 4
     assert story.checker.unsettled() == []
-    assert story.checker.unsettled(keys) == [
+    assert story.checker.unsettled(EtcdLook(keys)) == [
         "n3 waits with no join key in etcd past round 4 (it holds keys of rounds 4): no member "
         "can count it"]
-    [violation] = story.checker.check_liveness(story.at, 30, join_keys={**keys, "n3": []})
+    [violation] = story.checker.check_liveness(story.at, 30, look=EtcdLook({**keys, "n3": ()}))
     assert "n3 waits with no join key in etcd past round 4 (it holds none)" in violation.message
+
+
+def test_a_waiting_marker_without_a_lease_is_not_settled() -> None:
+    story = Story(min_nodes=1, max_nodes=2)
+    story.start("n0", "n1", "n2")
+    story.admit("n0", 4, 0, 2)
+    story.admit("n1", 4, 1, 2)
+    look = EtcdLook({"n0": (4,), "n1": (4,), "n2": (5,)}, ("ctl/wait/0000000005",))
+    assert story.checker.unsettled(look) == [
+        "ctl/wait/0000000005 has no lease in etcd: nothing ever deletes it"]
 
 
 def test_a_member_left_in_an_old_round_or_a_missing_rank_is_not_settled() -> None:

@@ -45,9 +45,11 @@ Policy:
   stopped, every live node that is not a standby is a member of one final round with ranks
   ``0..W-1``, the nodes outside it are standbys of a full round, and each of those holds a
   join key past the final round in etcd, within :func:`liveness_bound` seconds (its
-  docstring gives the sum). The join keys are the driver's one look into etcd: a waiting
-  node without one can never be counted by ``num_nodes_waiting()``, so it waits for
-  nothing, and no call of the API shows it.
+  docstring gives the sum), and no join key or waiting marker is without a lease. That
+  is the driver's one look into etcd (:class:`EtcdLook`), at what no call of the API
+  shows: a waiting node without a join key can never be counted by
+  ``num_nodes_waiting()``, so it waits for nothing; a key without a lease outlives every
+  node.
 * **The end**: the rank-0 member closes the run (``shutdown()``) and the other members
   rendezvous again, as torch's agents do when a member's workers stop. The standbys must then
   get :class:`~etcd_rdzv.StandbyExitError`, the members
@@ -91,6 +93,7 @@ __all__ = [
     "CRASH_NOTICE_DELAY",
     "MISSING_RANK_AFTER",
     "POLL_INTERVAL",
+    "EtcdLook",
     "FaultKind",
     "SoakChecker",
     "SoakConfig",
@@ -224,6 +227,17 @@ class Violation:
     def __str__(self) -> str:
         where = f" (round {self.round})" if self.round else ""
         return f"[{self.kind}]{where} at {self.at:.3f}s: {self.message}"
+
+
+@dataclass(frozen=True)
+class EtcdLook:
+    """What the driver reads of a run's keys in etcd once the run looks settled: its one
+    look inside, at what no call of the API shows."""
+
+    join_keys: Mapping[str, tuple[int, ...]]
+    """Each node's join keys, by round."""
+    unleased: tuple[str, ...] = ()
+    """Join keys and waiting markers without a lease (every one should be on its node's)."""
 
 
 class _Round:
@@ -392,14 +406,15 @@ class SoakChecker:
 
     # --- liveness and the end --------------------------------------------------------------
 
-    def unsettled(self, join_keys: Mapping[str, Sequence[int]] | None = None) -> list[str]:
+    def unsettled(self, look: EtcdLook | None = None) -> list[str]:
         """Why the run is not in a final state (empty when it is): every live node a member
         of one latest round, its ranks ``0..W-1``; any other live node waiting, as a
         standby of a full round.
 
-        ``join_keys``, if given, maps each node to the rounds of its join keys in etcd: a
-        waiting node must then hold one past the final round, or no member can ever count
-        it (``num_nodes_waiting()``) and it waits for nothing.
+        With ``look``, the run's keys in etcd: a waiting node must hold a join key past the
+        final round, or no member can ever count it (``num_nodes_waiting()``) and it waits
+        for nothing; and no join key or waiting marker may be without a lease, or nothing
+        ever deletes it.
         """
         live = self.live_nodes
         if not live:
@@ -421,10 +436,13 @@ class SoakChecker:
         if size < self.max_nodes:
             problems += [f"{n} waits while round {final} has room ({size} < max_nodes="
                          f"{self.max_nodes})" for n in waiting]
-        if join_keys is not None:
+        if look is not None:
+            held = look.join_keys
             problems += [f"{n} waits with no join key in etcd past round {final} (it holds "
-                         f"{_rounds(join_keys.get(n, ()))}): no member can count it"
-                         for n in waiting if not any(r > final for r in join_keys.get(n, ()))]
+                         f"{_rounds(held.get(n, ()))}): no member can count it"
+                         for n in waiting if not any(r > final for r in held.get(n, ()))]
+            problems += [f"{key} has no lease in etcd: nothing ever deletes it"
+                         for key in look.unleased]
         return problems
 
     def standbys(self) -> list[str]:
@@ -439,11 +457,10 @@ class SoakChecker:
         return [n for n in self.live_nodes if self._status[n] == "joining"]
 
     def check_liveness(self, at: float, bound: float, since: str = "the faults stopped",
-                       join_keys: Mapping[str, Sequence[int]] | None = None,
-                       ) -> list[Violation]:
+                       look: EtcdLook | None = None) -> list[Violation]:
         """Record the run's not having settled within ``bound`` seconds of ``since`` as a
-        violation (``join_keys`` as for :meth:`unsettled`)."""
-        problems = self.unsettled(join_keys)
+        violation (``look`` as for :meth:`unsettled`)."""
+        problems = self.unsettled(look)
         if not problems:
             return []
         round_ = self.latest_round
@@ -833,6 +850,8 @@ class _Driver:
         self.tasks: set[asyncio.Future[Any]] = set()
         self.restarted_for_missing: set[int] = set()
         self.closing = False
+        #: The run's keys in etcd when the run did not settle, for the report.
+        self.etcd_keys = ""
         #: The cluster calls running in threads (kills, restarts).
         self.threads: set[asyncio.Future[Any]] = set()
         #: Set (and replaced) on every event.
@@ -1094,7 +1113,7 @@ class _Driver:
             elif quiet_since is None:
                 quiet_since = now
             elif now - quiet_since >= QUIET_SECONDS:
-                invisible = self.checker.unsettled(await self.join_keys())
+                invisible = self.checker.unsettled(await self.look())
                 if not invisible:
                     return quiet_since - began
                 if "; ".join(invisible) != said:
@@ -1102,28 +1121,52 @@ class _Driver:
                     self.note("note", detail=said)
                 quiet_since = None
             if now - began > bound:
-                self.checker.check_liveness(now, bound, since, await self.join_keys())
+                self.checker.check_liveness(now, bound, since, await self.look())
+                self.etcd_keys = await self.dump_keys()
                 return None
             await asyncio.sleep(0.1)
 
-    async def join_keys(self) -> dict[str, list[int]]:
-        """The rounds of each node's join keys in etcd (read by the driver, not a node)."""
+    async def dump_keys(self) -> str:
+        """The run's native keys as etcd holds them, with their leases: for the report."""
         from etcd_rdzv import Deadline, EtcdClient, RunKeys
 
         keys = RunKeys(self.run_id, KEY_PREFIX)
-        labels = {}
+        try:
+            async with EtcdClient(self.cluster.client_config(read_timeout=10)) as client:
+                response = await client.get_prefix(keys.native_prefix, Deadline.after(10))
+        except Exception as exc:
+            return f"(etcd did not answer: {exc})"
+        start = len(keys.native_prefix)
+        return "\n".join(
+            f"  {bytes(kv.key)[start:].decode(errors='replace')}  lease "
+            f"{f'{kv.lease:x}' if kv.lease else 'none'}  {bytes(kv.value)[:80]!r}"
+            for kv in response.kvs)
+
+    async def look(self) -> EtcdLook:
+        """The run's join keys and waiting markers in etcd (read by the driver)."""
+        from etcd_rdzv import Deadline, EtcdClient, RunKeys
+
+        keys = RunKeys(self.run_id, KEY_PREFIX)
+        labels: dict[bytes, str] = {}
         for label in self.checker.live_nodes:
             ident = self.checker.node_id(label)
             if ident is not None:
                 labels[_node_name(ident)] = label
         found: dict[str, list[int]] = {}
+        unleased: list[str] = []
         async with EtcdClient(self.cluster.client_config(read_timeout=10)) as client:
-            response = await client.get_prefix(keys.rounds_prefix, Deadline.after(10))
+            response = await client.get_prefix(keys.native_prefix, Deadline.after(10))
         for kv in response.kvs:
-            parsed = keys.parse_native(bytes(kv.key))
-            if parsed is not None and parsed.kind == "member" and parsed.node_name in labels:
+            key = bytes(kv.key)
+            parsed = keys.parse_native(key)
+            if parsed is None or parsed.kind not in ("member", "waiting"):
+                continue
+            if not kv.lease:
+                unleased.append(key[len(keys.native_prefix):].decode(errors="replace"))
+            if parsed.kind == "member" and parsed.node_name in labels:
                 found.setdefault(labels[parsed.node_name], []).append(parsed.round)
-        return found
+        return EtcdLook({label: tuple(rounds) for label, rounds in found.items()},
+                        tuple(unleased))
 
     async def close(self) -> None:
         """Close the run through the final round's rank 0; the others learn of it."""
@@ -1203,6 +1246,9 @@ class _Driver:
     def details(self) -> str:
         """Each violation's history and the log tails of its nodes."""
         parts: list[str] = []
+        if self.etcd_keys:
+            parts += [f"the run's native keys in etcd when it did not settle "
+                      f"({KEY_PREFIX}/{self.run_id}/native/...):", self.etcd_keys]
         shown: set[str] = set()
         for violation in self.checker.violations:
             start, end = violation.window
