@@ -185,6 +185,18 @@ def test_a_waiting_node_without_a_join_key_in_etcd_is_not_settled() -> None:
     assert "n3 waits with no join key in etcd past round 4 (it holds none)" in violation.message
 
 
+def test_a_waiting_node_beside_a_full_round_with_a_member_gone_is_not_settled() -> None:
+    story = Story(min_nodes=1, max_nodes=2)
+    story.start("n0", "n1", "n2")
+    story.admit("n0", 4, 0, 2)
+    story.admit("n1", 4, 1, 2)
+    # n1's lease lapsed while it trained: round 4 has room, which n2 must be admitted to.
+    look = EtcdLook({"n0": (4,), "n2": (5,)})
+    assert story.checker.unsettled(look) == ["n2 waits while round 4 has room: n1 holds no "
+                                             "join key in it"]
+    assert story.checker.unsettled(EtcdLook({"n0": (4,), "n1": (4,), "n2": (5,)})) == []
+
+
 def test_a_waiting_marker_without_a_lease_is_not_settled() -> None:
     story = Story(min_nodes=1, max_nodes=2)
     story.start("n0", "n1", "n2")

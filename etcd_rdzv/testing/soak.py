@@ -71,6 +71,7 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -413,8 +414,9 @@ class SoakChecker:
 
         With ``look``, the run's keys in etcd: a waiting node must hold a join key past the
         final round, or no member can ever count it (``num_nodes_waiting()``) and it waits
-        for nothing; and no join key or waiting marker may be without a lease, or nothing
-        ever deletes it.
+        for nothing; a member whose join key is gone (its lease lapsed while it trained)
+        leaves room in a full round, which a waiting node must then be admitted to; and no
+        join key or waiting marker may be without a lease, or nothing ever deletes it.
         """
         live = self.live_nodes
         if not live:
@@ -441,6 +443,11 @@ class SoakChecker:
             problems += [f"{n} waits with no join key in etcd past round {final} (it holds "
                          f"{_rounds(held.get(n, ()))}): no member can count it"
                          for n in waiting if not any(r > final for r in held.get(n, ()))]
+            gone = [m for m in members if final not in held.get(m, ())]
+            if waiting and gone and size >= self.max_nodes:
+                problems += [f"{n} waits while round {final} has room: {', '.join(gone)} "
+                             f"{'holds' if len(gone) == 1 else 'hold'} no join key in it"
+                             for n in waiting]
             problems += [f"{key} has no lease in etcd: nothing ever deletes it"
                          for key in look.unleased]
         return problems
@@ -820,11 +827,21 @@ class _Node:
             process.stdin.write(command.encode() + b"\n")
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The log's last ``lines`` lines, runs of lines alike but for their numbers (a
+        waiting node's ticks) shown once, with their count."""
         try:
             text = self.log_path.read_text(errors="replace")
         except OSError:
             return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+        kept: list[tuple[str, str, int]] = []  # (line, its shape, how many alike)
+        for line in text.splitlines():
+            shape = re.sub(r"[0-9a-f]*[0-9][0-9a-f.]*", "#", line)
+            if kept and kept[-1][1] == shape:
+                kept[-1] = (line, shape, kept[-1][2] + 1)
+            else:
+                kept.append((line, shape, 1))
+        return "\n".join(line if alike == 1 else f"{line}  [and {alike - 1} lines alike before]"
+                         for line, _, alike in kept[-lines:])
 
 
 def _open_log(path: Path) -> IO[bytes]:
@@ -1180,6 +1197,7 @@ class _Driver:
         if not members and not live:
             return
         closer = members[0] if members else live[0]
+        self.etcd_keys = self.etcd_keys or await self.dump_keys()
         self.checker.begin_close(self.now(), closer)
         self.nodes[closer].send("shutdown")
         deadline = self.now() + CLOSE_BOUND
@@ -1247,8 +1265,9 @@ class _Driver:
         """Each violation's history and the log tails of its nodes."""
         parts: list[str] = []
         if self.etcd_keys:
-            parts += [f"the run's native keys in etcd when it did not settle "
-                      f"({KEY_PREFIX}/{self.run_id}/native/...):", self.etcd_keys]
+            parts += [f"the run's native keys in etcd when it did not settle, or else when "
+                      f"it was closed ({KEY_PREFIX}/{self.run_id}/native/...):",
+                      self.etcd_keys]
         shown: set[str] = set()
         for violation in self.checker.violations:
             start, end = violation.window
