@@ -521,3 +521,17 @@ async def test_the_waiting_marker_lives_on_the_lease_of_the_waiting_nodes_key(
     await late.leave()  # revokes its lease: the marker goes with its key
     assert not await exists(etcd_client, run_keys.waiting(2))
     assert await members[0].num_nodes_waiting() == 0
+
+
+async def test_a_member_whose_lease_expired_is_told_to_restart(
+        nodes: Nodes, etcd_client: EtcdClient, run_keys: RunKeys) -> None:
+    # Found by the simulation: a member whose lease (and key) expired while it trained was
+    # never told, while a standby formed the next round without it: two rounds trained.
+    member = nodes.add(min_nodes=1, max_nodes=1)
+    admission = await member.next_rendezvous()
+    assert await member.num_nodes_waiting() == 0
+    lease = await wait_for_key(etcd_client, run_keys.member(admission.round, member.node.name))
+    assert await etcd_client.revoke_lease(lease, Deadline.after(5))  # as if it expired
+    await until_someone_waits(member, 10)  # within a keep-alive, its agent restarts it
+    again = await asyncio.wait_for(member.next_rendezvous(), 20)
+    assert again.round == admission.round + 1 and again.rank == 0

@@ -223,6 +223,24 @@ ROWS = [
     Row("left_out_next_round_sealed_too", Rule.LEFT_OUT,
         # Round 2 was sealed without the node too: the open round is 3.
         watched(LOST_RACE, seals=[WINNER, seal(2)]).after_rank(None), Join(3, Rule.LEFT_OUT)),
+    # A count checks the node's own key and the close, ahead of the watch.
+    Row("count_misses_own_key_joins_the_same_round", Rule.JOIN,
+        count(joined(1, 1), T0 + 1, 0).after_count(Counts(1, 0, T0 + 1, mine=False)),
+        Join(1, Rule.JOIN)),
+    Row("count_finds_the_run_closed_standby_stays_one", Rule.CLOSED,
+        at(STANDBY, T0 + 1).after_count(Counts(1, 0, T0 + 1, closed=True)),
+        Closed(standby=True)),
+    # A join whose answer was lost may have landed: the rules check before joining again.
+    Row("lost_join_answer_waits_for_etcd", Rule.ETCD_AWAY,
+        fresh(lease=LEASE).after_join(1, LEASE, None, "etcd down"), Wait(T0 + 1, Rule.ETCD_AWAY)),
+    Row("lost_join_answer_round_open_counts", Rule.COUNT,
+        at(fresh(lease=LEASE).after_join(1, LEASE, None, "etcd down"), T0 + 1), Count(1)),
+    Row("lost_join_answer_round_sealed_reads_rank", Rule.READ_RANK,
+        at(watched(fresh(lease=LEASE).after_join(1, LEASE, None, "etcd down"),
+                   seals=[seal(1)]), T0 + 1), ReadRank(seal(1))),
+    # A new rendezvous knows the seal of its last admission, ahead of its watch.
+    Row("new_rendezvous_after_the_admitted_round", Rule.JOIN,
+        replace(fresh(lease=LEASE), learned_seal=seal(3)), Join(4, Rule.JOIN)),
     # COUNT
     Row("counts_stale_after_ctl_change", Rule.COUNT,
         replace(at(joined(1, 1), T0 + 0.5), changed_at=T0 + 0.5), Count(1)),

@@ -52,7 +52,7 @@ class ControlSnapshot:
     waiting: frozenset[int]
     closed: bool
     revision: int
-    """The revision the view was current as of."""
+    """The revision of the last change the snapshot shows."""
     taken: frozenset[int] = frozenset()
     """Rounds whose seal key holds a value this version cannot read: no node can be
     admitted to them, so nodes join a later round."""
@@ -80,6 +80,10 @@ class ControlView:
     """The revision the view is current as of."""
     unreadable: set[bytes] = field(default_factory=set)
     """Keys whose value this version does not understand (left out of the view)."""
+    _snapshot: ControlSnapshot | None = field(default=None, init=False, repr=False,
+                                              compare=False)
+    """The last snapshot, shared by every node of the feed until the next change: thousands
+    of nodes on one client each look at the view several times a round."""
 
     @property
     def closed(self) -> bool:
@@ -90,11 +94,23 @@ class ControlView:
         """The latest sealed round, if any."""
         return self.seals[max(self.seals)] if self.seals else None
 
+    @property
+    def taken(self) -> frozenset[int]:
+        """Rounds whose seal key holds a value this version cannot read."""
+        return frozenset(parsed.round for parsed in map(self.keys.parse_native, self.unreadable)
+                         if parsed is not None and parsed.kind == "seal")
+
+    @property
+    def latest_round(self) -> int:
+        """The latest sealed (or taken) round (0: none)."""
+        return max(max(self.seals, default=0), max(self.taken, default=0))
+
     def snapshot(self) -> ControlSnapshot:
-        taken = frozenset(parsed.round for parsed in map(self.keys.parse_native, self.unreadable)
-                          if parsed is not None and parsed.kind == "seal")
-        return ControlSnapshot(dict(self.seals), frozenset(self.waiting), self.closed,
-                               self.revision, taken)
+        """The view now, frozen (the same object until the next change)."""
+        if self._snapshot is None:
+            self._snapshot = ControlSnapshot(dict(self.seals), frozenset(self.waiting),
+                                             self.closed, self.revision, self.taken)
+        return self._snapshot
 
     def apply(self, key: bytes, value: bytes | None) -> ControlChange | None:
         """Mirror one key (``value`` None: deleted); what the change means, or None when it
@@ -102,6 +118,7 @@ class ControlView:
         parsed = self.keys.parse_native(key)
         if parsed is None or parsed.kind == "member":
             return None
+        self._snapshot = None
         self.unreadable.discard(key)
         if parsed.kind == "closed":
             was = self.closed

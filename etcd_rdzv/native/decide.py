@@ -90,6 +90,11 @@ class Counts:
     """Nodes still in the round before it."""
     read_at: float
     """When the read was sent (monotonic seconds): a ``ctl/`` change after it makes it old."""
+    mine: bool = True
+    """The node's own key was in its round, under its lease (a key etcd lost, or a join
+    whose answer was lost and that never landed, shows here)."""
+    closed: bool = False
+    """The run was closed when counted (the node's watch may not show it yet)."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,8 @@ class NodeView:
     """etcd's silence on the node's last call (None: it answered)."""
     failure: EtcdRendezvousError | None = None
     """A failure that waiting cannot heal."""
+    closed_seen: bool = False
+    """A read found the run closed, ahead of the node's watch."""
 
     # --- facts derived from the view ----------------------------------------------------
 
@@ -210,14 +217,27 @@ class NodeView:
 
     # --- what the node learned: each returns the view after it -------------------------------
 
-    def after_join(self, round_: int, lease: int, counts: Counts) -> NodeView:
-        """The node's key is in ``round_`` under ``lease``; the join counted ``counts``."""
+    def after_join(self, round_: int, lease: int, counts: Counts | None,
+                   error: str | None = None) -> NodeView:
+        """The node's key is in ``round_`` under ``lease``; the join counted ``counts``.
+        With ``error`` (etcd's answer was lost: the join may or may not have landed) the
+        node takes the key as put, and the rules check: a count or the rank read at the
+        round's cutoff finds it, or not."""
         joined = replace(self, round=round_, key_lease=lease, counts=None, quorum_at=None,
                          marked_at=None, left_out_of=0, unreachable=None)
+        if error is not None:
+            return joined.after_silence(error)
+        assert counts is not None
         return joined.after_count(counts)
 
     def after_count(self, counts: Counts) -> NodeView:
-        """The node counted its round and the previous one."""
+        """The node counted its round and the previous one. A count that finds the run
+        closed is not taken (the close decides; a standby stays one), and one that misses
+        the node's own key leaves it with no key."""
+        if counts.closed:
+            return replace(self, closed_seen=True, unreachable=None)
+        if not counts.mine:
+            return replace(self, key_lease=0, counts=counts, unreachable=None)
         view = replace(self, counts=counts, unreachable=None)
         quorum = counts.joined >= self.settings.min_nodes and not view.previous_trains
         quorum_at = (self.quorum_at if self.quorum_at is not None else counts.read_at) \
@@ -345,7 +365,7 @@ def decide(view: NodeView) -> Step:
     now, settings, counts = view.now, view.settings, view.counts
     if view.failure is not None:
         return Failed(view.failure)
-    if view.control.closed:
+    if view.control.closed or view.closed_seen:
         return Closed(view.standby)
     if view.admission is not None:
         return Admitted(view.admission)

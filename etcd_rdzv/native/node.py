@@ -56,7 +56,7 @@ from .decide import (
     Wait,
     decide,
 )
-from .model import Admission, NativeSettings, NodeId
+from .model import Admission, NativeSettings, NodeId, Seal
 from .rounds import RoundRequests
 from .run import close_native_run
 from .session import NodeSession, RunLease
@@ -92,8 +92,14 @@ class AsyncNativeRendezvous:
                                        RunLease(client, keys, settings.ttl))
         self._started = False
         self._start_lock: asyncio.Lock | None = None
-        self._member_key: bytes | None = None
+        #: The join keys this node may hold: its last, and any a join whose answer was lost
+        #: may have put. The next join deletes them all but its own.
+        self._held_keys: set[bytes] = set()
         self._admission: Admission | None = None
+        #: The seal and the lease of the node's last admission: a new rendezvous starts
+        #: after that round even before the watch shows its seal, and a lost lease or a
+        #: later seal tells the agent to restart (num_nodes_waiting).
+        self._admitted: tuple[Seal, int] | None = None
         self._last_waiting = 0
 
     @property
@@ -157,14 +163,17 @@ class AsyncNativeRendezvous:
         await self.start()
         self._admission = None
         now = time.monotonic()
-        view = NodeView(self._settings, now, now, self._feed.view.snapshot())
+        view = NodeView(self._settings, now, now, self._feed.view.snapshot(),
+                        learned_seal=self._admitted[0] if self._admitted else None)
         while True:
             changed = self._feed.changed
             view = self._observe(view)
             step = decide(view)
             log.debug("node %s: %s (%s)", self._node, step, step.rule.value)
             if isinstance(step, Admitted):
-                self._admission = step.admission
+                seal = view.seal_of(step.admission.round)
+                assert seal is not None
+                self._admission, self._admitted = step.admission, (seal, view.key_lease)
                 return step.admission
             if isinstance(step, Closed | TimedOut | Failed):
                 await self._leave_round()
@@ -211,15 +220,19 @@ class AsyncNativeRendezvous:
         try:
             if isinstance(step, Join):
                 lease = self._session.lease or await self._session.new_lease(self._deadline())
+                key = self._keys.member(step.round, self._node.name)
                 try:
-                    counts = await requests.join(step.round, lease, self._member_key)
+                    counts = await requests.join(step.round, lease, self._held_keys)
                 except LeaseNotFoundError:
                     self._session.lost(lease)  # the rules join again, with a new lease
                     return view
-                self._member_key = self._keys.member(step.round, self._node.name)
+                except TransientError as exc:  # it may have landed: the rules check
+                    self._held_keys.add(key)
+                    return view.after_join(step.round, lease, None, str(exc))
+                self._held_keys = {key}
                 return view.after_join(step.round, lease, counts)
             if isinstance(step, Count):
-                return view.after_count((await requests.count(step.round))[0])
+                return view.after_count((await requests.count(step.round, view.key_lease))[0])
             if isinstance(step, MarkWaiting):
                 try:
                     await requests.mark_waiting(step.round, step.lease)
@@ -230,8 +243,8 @@ class AsyncNativeRendezvous:
             if isinstance(step, SealRound):
                 return await self._seal(step.round, view)
             if isinstance(step, ReadRank):
-                assert self._member_key is not None
-                return view.after_rank(await requests.rank(step.seal, self._member_key))
+                key = self._keys.member(view.round, self._node.name)
+                return view.after_rank(await requests.rank(step.seal, key))
         except TransientError as exc:
             if view.unreachable is None:
                 log.warning("etcd is unreachable; node %s keeps waiting for a round of %r "
@@ -245,10 +258,12 @@ class AsyncNativeRendezvous:
 
     async def _seal(self, round_: int, view: NodeView) -> NodeView:
         """Count ``round_`` again and, if the rules still say so, seal it."""
-        counts, revision = await self._requests.count(round_)
+        counts, revision = await self._requests.count(round_, view.key_lease)
         counted = replace(view, now=time.monotonic()).after_count(counts)
-        if counted.now < counted.seal_due:
-            return counted  # fewer nodes now, or members came back: the rules decide again
+        if counted.closed_seen or counted.now < counted.seal_due:
+            # Closed, fewer nodes now, or members came back: the rules decide again. (A
+            # close between this read and the seal is a close after the seal.)
+            return counted
         try:
             seal = await self._requests.seal(round_, counts, revision, self._feed.view.run_lease)
         except ValueError as exc:  # another program wrote the key: the round is taken
@@ -259,10 +274,10 @@ class AsyncNativeRendezvous:
         return counted.after_seal(seal)
 
     async def _leave_round(self) -> None:
-        if self._member_key is not None:
+        held, self._held_keys = self._held_keys, set()
+        for key in sorted(held):
             with contextlib.suppress(EtcdConnectionError):
-                await self._client.delete(self._member_key, self._deadline())
-            self._member_key = None
+                await self._client.delete(key, self._deadline())
 
     # --- what the agent asks between rounds --------------------------------------------------
 
@@ -275,8 +290,13 @@ class AsyncNativeRendezvous:
         Raises:
             EtcdConnectionError: etcd refused the read for good (permissions, TLS).
         """
-        if self._admission is None:
+        if self._admission is None or self._admitted is None:
             return 0
+        seal, lease = self._admitted
+        if self._session.lease != lease or self._feed.view.latest_round > seal.round:
+            # The node is out of its round (its lease, and so its key, expired; or a later
+            # round formed without it): its agent must restart it, as for a waiting node.
+            return max(1, self._last_waiting)
         next_round = self._admission.round + 1
         if next_round not in self._feed.view.waiting:
             self._last_waiting = 0
@@ -310,7 +330,7 @@ class AsyncNativeRendezvous:
         """Leave the run now, without closing it: revoking this node's lease deletes its
         keys at once, so the others see the departure immediately."""
         started, self._started = self._started, False
-        self._member_key, self._admission = None, None
+        self._held_keys, self._admission, self._admitted = set(), None, None
         try:
             await self._session.close(self._deadline())
         finally:

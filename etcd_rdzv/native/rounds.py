@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Iterable
 
 from aetcd import rpc, utils
 
@@ -43,22 +44,29 @@ class RoundRequests:
     def _deadline(self) -> Deadline:
         return Deadline.after(self._client.config.read_timeout)
 
-    def _count_ops(self, round_: int) -> list[rpc.RequestOp]:
-        """Count the join keys of ``round_`` and of the round before it."""
-        return [rpc.RequestOp(request_range=rpc.RangeRequest(
-                    key=prefix, range_end=utils.prefix_range_end(prefix), count_only=True))
-                for prefix in (self._keys.round_prefix(round_),
-                               self._keys.round_prefix(round_ - 1))]
+    def _count_ops(self, round_: int, key: bytes) -> list[rpc.RequestOp]:
+        """Count the join keys of ``round_`` and of the round before it, read the node's own
+        key ``key`` (is it there, under which lease) and whether the run is closed."""
+        counts = [rpc.RequestOp(request_range=rpc.RangeRequest(
+                      key=prefix, range_end=utils.prefix_range_end(prefix), count_only=True))
+                  for prefix in (self._keys.round_prefix(round_),
+                                 self._keys.round_prefix(round_ - 1))]
+        return [*counts,
+                rpc.RequestOp(request_range=rpc.RangeRequest(key=key, keys_only=True)),
+                rpc.RequestOp(request_range=rpc.RangeRequest(key=self._keys.closed,
+                                                             count_only=True))]
 
     @staticmethod
-    def _counts_of(response: rpc.TxnResponse, read_at: float) -> Counts:
-        joined, previous = response.responses[-2:]
-        return Counts(int(joined.response_range.count), int(previous.response_range.count),
-                      read_at)
+    def _counts_of(response: rpc.TxnResponse, read_at: float, lease: int) -> Counts:
+        joined, previous, mine, closed = (op.response_range for op in response.responses[-4:])
+        return Counts(int(joined.count), int(previous.count), read_at,
+                      mine=any(int(kv.lease) == lease for kv in mine.kvs),
+                      closed=bool(closed.count))
 
-    async def join(self, round_: int, lease: int, old_key: bytes | None) -> Counts:
-        """Put this node's key in ``round_`` under ``lease``, delete ``old_key``, and count
-        the round and the previous one: one Txn, safe to resend (it puts the same key).
+    async def join(self, round_: int, lease: int, held: Iterable[bytes]) -> Counts:
+        """Put this node's key in ``round_`` under ``lease``, delete the other keys it may
+        hold (``held``: its previous key, and any a join whose answer was lost may have
+        put), and count: one Txn, safe to resend (it puts the same key).
 
         Raises:
             HandlerMismatchError: torch's handler drives the run.
@@ -66,28 +74,30 @@ class RoundRequests:
         """
         key = self._keys.member(round_, self._node.name)
         # etcd refuses a Txn that deletes and puts one key; the put replaces it anyway.
-        leave = [] if old_key in (None, key) else [
-            rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=old_key))]
+        leave = [rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=old))
+                 for old in sorted(set(held) - {key})]
         read_at = time.monotonic()
         value = json.dumps({"joined_at": time.time()}).encode()
         response = await self._client.txn_idempotent(rpc.TxnRequest(
             # Guarded by the absence of torch's state: one run, one protocol.
             compare=[Expect.absent().compare(self._keys.state)],
             success=[*leave, rpc.RequestOp(request_put=rpc.PutRequest(
-                key=key, value=value, lease=lease)), *self._count_ops(round_)],
+                key=key, value=value, lease=lease)), *self._count_ops(round_, key)],
         ), self._deadline(), f"Joining round {round_} of {self._keys.run_id!r}")
         if not response.succeeded:
             raise torch_run_error(self._keys)
-        return self._counts_of(response, read_at)
+        return self._counts_of(response, read_at, lease)
 
-    async def count(self, round_: int) -> tuple[Counts, int]:
-        """The counts of ``round_`` and the previous one, and the revision they were read
+    async def count(self, round_: int, lease: int) -> tuple[Counts, int]:
+        """The counts of ``round_`` and the previous one (and whether this node's key is
+        there under ``lease``, whether the run is closed), and the revision they were read
         at: one read."""
         read_at = time.monotonic()
+        key = self._keys.member(round_, self._node.name)
         response = await self._client.txn_idempotent(
-            rpc.TxnRequest(success=self._count_ops(round_)), self._deadline(),
+            rpc.TxnRequest(success=self._count_ops(round_, key)), self._deadline(),
             f"Counting the nodes of round {round_}")
-        return self._counts_of(response, read_at), int(response.header.revision)
+        return self._counts_of(response, read_at, lease), int(response.header.revision)
 
     async def mark_waiting(self, round_: int, lease: int) -> None:
         """Create ``ctl/wait/<round_>`` under ``lease`` unless it exists.
