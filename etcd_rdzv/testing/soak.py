@@ -32,8 +32,10 @@ Policy:
   for 0.5 to 3 s, longer than a node's lease TTL (2 s), so the leases of the nodes whose
   client talks to that member may expire. One etcd fault at a time (the cluster keeps a
   quorum); node faults overlap with it. Each node prefers one member (its endpoints start
-  there), drawn at random. The draws are seeded; which node a fault hits also depends on
-  timing, so a seed makes a run alike, not identical.
+  there), drawn at random. The draws are seeded, the faults' from a generator of their own:
+  a seed gives the same sequence of faults (kinds, gaps, durations, members, bursts), but
+  which node a fault hits depends on the state the timing made, so a seed makes runs alike,
+  not identical.
 * **Invariants** (:class:`SoakChecker`), checked on every admission: no rank held twice in a
   round; ranks in torch's order of node descriptors (``(addr, pid, local_id)``: within a
   round, ``a < b`` implies ``rank(a) < rank(b)``); one world size per round, within
@@ -855,9 +857,14 @@ class _Driver:
         self.cluster = cluster
         self.workdir = workdir
         self.progress = progress
+        #: The faults: bursts, kinds, gaps, durations, targets. Only faults draw from it, so
+        #: a seed gives the same sequence of faults whatever the timing.
         self.rng = random.Random(config.seed)
-        #: Delays only: their draws depend on timing, so they must not shift the fault draws.
-        self.jitter = random.Random(config.seed + 7919)
+        #: The nodes: the member each prefers, its address, its poll's seed (spawns happen
+        #: when the timing says, so they must not shift the fault draws).
+        self.nodes_rng = random.Random(f"soak-nodes-{config.seed}")
+        #: Delays only, drawn as the timing says, for the same reason.
+        self.jitter = random.Random(f"soak-jitter-{config.seed}")
         self.checker = SoakChecker(config.min_nodes, config.max_nodes)
         self.nodes: dict[str, _Node] = {}
         self.faults: Counter[FaultKind] = Counter()
@@ -911,7 +918,7 @@ class _Driver:
     async def spawn(self) -> _Node:
         label = f"n{len(self.nodes)}"
         members = len(self.cluster.members)
-        member = self.rng.randrange(members)
+        member = self.nodes_rng.randrange(members)
         node = _Node(label, member, self.workdir / f"{label}.log")
         self.nodes[label] = node
         endpoints = [self.cluster.members[(member + i) % members].endpoint
@@ -920,7 +927,8 @@ class _Driver:
                 "key_prefix": KEY_PREFIX, "settings": self.config.settings(),
                 "read_timeout": self.config.read_timeout,
                 "request_timeout": self.config.request_timeout,
-                "addr": self.rng.choice(ADDRESSES), "seed": self.rng.randrange(2**32),
+                "addr": self.nodes_rng.choice(ADDRESSES),
+                "seed": self.nodes_rng.randrange(2**32),
                 "started": self.wall_started}
         self.note("spawn", label, f"prefers etcd member {member}")
         log = _open_log(node.log_path)
