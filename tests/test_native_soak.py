@@ -17,6 +17,7 @@ from etcd_rdzv.testing.soak import (
     SoakConfig,
     SoakEvent,
     liveness_bound,
+    plan_bursts,
     run_soak,
 )
 
@@ -264,6 +265,20 @@ def test_a_node_that_does_not_exit_after_the_close_is_a_violation() -> None:
     story.event("exit", "n1", error="RunClosedError")
     [violation] = story.checker.check_closed(story.at)
     assert violation.kind == "close" and violation.nodes == ("n2",)
+
+
+def test_a_seed_plans_the_same_faults_and_etcd_only_bursts_have_no_node_fault() -> None:
+    config = SoakConfig.for_seed(120, 3)
+    bursts = plan_bursts(config)
+    assert bursts == plan_bursts(SoakConfig.for_seed(120, 3))
+    assert bursts != plan_bursts(SoakConfig.for_seed(120, 4))
+    assert sum(burst.seconds for burst in bursts) == pytest.approx(120)
+    assert {fault.kind for burst in bursts for fault in burst.faults} == {
+        "crash", "leave", "standby", "leader", "pause"}
+    for burst in bursts:
+        assert sum(fault.after for fault in burst.faults) <= burst.seconds
+        if burst.etcd_only:
+            assert {fault.kind for fault in burst.faults} <= {"leader", "pause"}
 
 
 def test_the_liveness_bound_covers_a_lease_and_a_round_but_not_join_timeout() -> None:

@@ -32,10 +32,10 @@ Policy:
   for 0.5 to 3 s, longer than a node's lease TTL (2 s), so the leases of the nodes whose
   client talks to that member may expire. One etcd fault at a time (the cluster keeps a
   quorum); node faults overlap with it. Each node prefers one member (its endpoints start
-  there), drawn at random. The draws are seeded, the faults' from a generator of their own:
-  a seed gives the same sequence of faults (kinds, gaps, durations, members, bursts), but
-  which node a fault hits depends on the state the timing made, so a seed makes runs alike,
-  not identical.
+  there), drawn at random. The faults are planned from the seed alone before the soak
+  starts (:func:`plan_bursts`): a seed gives the same faults in the same order (kinds,
+  gaps, durations, members, bursts), but which node a crash hits depends on the state the
+  timing made, so a seed makes runs alike, not identical.
 * **Invariants** (:class:`SoakChecker`), checked on every admission: no rank held twice in a
   round; ranks in torch's order of node descriptors (``(addr, pid, local_id)``: within a
   round, ``a < b`` implies ``rank(a) < rank(b)``); one world size per round, within
@@ -96,8 +96,10 @@ __all__ = [
     "CRASH_NOTICE_DELAY",
     "MISSING_RANK_AFTER",
     "POLL_INTERVAL",
+    "Burst",
     "EtcdLook",
     "FaultKind",
+    "PlannedFault",
     "SoakChecker",
     "SoakConfig",
     "SoakEvent",
@@ -105,6 +107,7 @@ __all__ = [
     "Violation",
     "liveness_bound",
     "main",
+    "plan_bursts",
     "run_soak",
     "soak",
 ]
@@ -613,6 +616,62 @@ class SoakConfig:
                 "keep_alive_max_attempt": self.keep_alive_max_attempt, "ttl": self.ttl}
 
 
+@dataclass(frozen=True)
+class PlannedFault:
+    """One fault of the plan a seed draws (:func:`plan_bursts`)."""
+
+    after: float
+    """Seconds after the previous fault of the burst (or its start)."""
+    kind: FaultKind
+    target: float
+    """Which node a crash or a leave hits: this fraction into the eligible nodes, in the
+    order of their labels, when it strikes."""
+    seconds: float
+    """How long a paused member stays paused, or a killed leader dead."""
+    member: int
+    """The member a pause hits."""
+
+
+@dataclass(frozen=True)
+class Burst:
+    """Faults in a row, then a heal."""
+
+    seconds: float
+    """How long the burst lasts, nominally (a fault may wait for the etcd fault before it)."""
+    etcd_only: bool
+    """Whether it has etcd faults only."""
+    faults: tuple[PlannedFault, ...]
+
+
+def plan_bursts(config: SoakConfig, members: int = 3) -> tuple[Burst, ...]:
+    """Every fault of a soak, drawn from ``config.seed`` alone, before it starts: the same
+    seed makes the same faults in the same order, whatever the timing."""
+    draw = random.Random(config.seed)
+    bursts: list[Burst] = []
+    left = config.seconds
+    while left > 0:
+        seconds = draw.uniform(*config.burst_seconds)
+        if left - seconds < config.burst_seconds[0]:
+            seconds = left  # the last burst takes what is left rather than leave a stub
+        left -= seconds
+        etcd_only = draw.random() < config.etcd_only_bursts
+        allowed = [(kind, weight) for kind, weight in FAULT_WEIGHTS
+                   if kind in _CLUSTER_FAULTS or not etcd_only]
+        kinds, weights = [kind for kind, _ in allowed], [weight for _, weight in allowed]
+        faults: list[PlannedFault] = []
+        elapsed = draw.uniform(*config.fault_gap)
+        gap = elapsed
+        while elapsed <= seconds:
+            kind = draw.choices(kinds, weights)[0]
+            span = config.pause_seconds if kind == "pause" else config.leader_down_seconds
+            faults.append(PlannedFault(gap, kind, draw.random(), draw.uniform(*span),
+                                       draw.randrange(members)))
+            gap = draw.uniform(*config.fault_gap)
+            elapsed += gap
+        bursts.append(Burst(seconds, etcd_only, tuple(faults)))
+    return tuple(bursts)
+
+
 def liveness_bound(config: SoakConfig) -> float:
     """Seconds from the end of the faults until the run must have settled.
 
@@ -857,9 +916,6 @@ class _Driver:
         self.cluster = cluster
         self.workdir = workdir
         self.progress = progress
-        #: The faults: bursts, kinds, gaps, durations, targets. Only faults draw from it, so
-        #: a seed gives the same sequence of faults whatever the timing.
-        self.rng = random.Random(config.seed)
         #: The nodes: the member each prefers, its address, its poll's seed (spawns happen
         #: when the timing says, so they must not shift the fault draws).
         self.nodes_rng = random.Random(f"soak-nodes-{config.seed}")
@@ -1052,39 +1108,30 @@ class _Driver:
 
     # --- faults -------------------------------------------------------------------------------
 
-    async def inject_faults(self, seconds: float, etcd_only: bool = False) -> None:
-        """Faults for ``seconds``, drawn from the seeded generator (etcd's only, if
-        ``etcd_only``); see the module's policy."""
+    async def inject_faults(self, burst: Burst) -> None:
+        """The faults of ``burst``, each when its gap says; see the module's policy."""
         cluster_fault: asyncio.Future[None] | None = None
-        drawn = [(kind, weight) for kind, weight in FAULT_WEIGHTS
-                 if kind in _CLUSTER_FAULTS or not etcd_only]
-        kinds = [kind for kind, _ in drawn]
-        weights = [weight for _, weight in drawn]
-        stop = self.now() + seconds
-        while self.now() < stop:
-            await asyncio.sleep(self.rng.uniform(*self.config.fault_gap))
-            kind = self.rng.choices(kinds, weights)[0]
-            choice = self.rng.random()  # which target: drawn whether or not one exists
+        for fault in burst.faults:
+            await asyncio.sleep(fault.after)
+            kind = fault.kind
             if kind in _CLUSTER_FAULTS:
                 if cluster_fault is not None:
                     await cluster_fault  # one etcd fault at a time: the cluster keeps quorum
-                duration = self.rng.uniform(*(self.config.pause_seconds if kind == "pause"
-                                              else self.config.leader_down_seconds))
-                member = self.rng.randrange(len(self.cluster.members))
-                cluster_fault = self.background(self.cluster_fault(kind, member, duration))
+                cluster_fault = self.background(
+                    self.cluster_fault(kind, fault.member, fault.seconds))
                 continue
-            live = [n for n in self.checker.live_nodes if self.checker.status(n) != "starting"]
-            if kind == "leave":
-                live = [n for n in live if self.checker.status(n) == "training"]
             if kind == "standby":
                 if self.population() < self.config.nodes + EXTRA_NODES:
                     self.faults[kind] += 1
                     self.note("fault", detail="an extra node (a standby)")
                     await self.spawn()
                 continue
+            live = [n for n in self.checker.live_nodes if self.checker.status(n) != "starting"]
+            if kind == "leave":
+                live = [n for n in live if self.checker.status(n) == "training"]
             if not live:
                 continue
-            target = live[int(choice * len(live))]
+            target = live[int(fault.target * len(live))]
             self.faults[kind] += 1
             if kind == "crash":
                 self.crash(target)
@@ -1228,14 +1275,10 @@ class _Driver:
                 await self.spawn()
             self.note("note", detail="waiting for the first round")
             healed = await self.settle(FIRST_ROUND_BOUND, "the start") is not None
-            left = config.seconds
-            while healed and left > 0:
-                burst = min(left, self.rng.uniform(*config.burst_seconds))
-                etcd_only = self.rng.random() < config.etcd_only_bursts
-                left -= burst
-                self.note("note", detail=f"a burst of {'etcd ' if etcd_only else ''}faults "
-                          f"for {burst:.1f} s")
-                await self.inject_faults(burst, etcd_only)
+            for burst in plan_bursts(config, len(self.cluster.members)) if healed else ():
+                self.note("note", detail=f"a burst of {len(burst.faults)} "
+                          f"{'etcd ' if burst.etcd_only else ''}faults over {burst.seconds:.1f} s")
+                await self.inject_faults(burst)
                 self.note("note", detail="faults stopped")
                 took = await self.settle(liveness_bound(config), "the faults stopped")
                 healed = took is not None
@@ -1243,6 +1286,8 @@ class _Driver:
                     settled.append(took)
                 self.note("note", detail=f"settled after {took:.1f} s" if took is not None
                           else "did not settle")
+                if not healed:
+                    break
             await self.close()
         finally:
             tasks = [watchdog, *self.tasks]
