@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -23,6 +24,21 @@ from etcd_rdzv.testing import EtcdServer
 HANDLERS = pytest.mark.parametrize("handler", ["torch", "native"])
 
 
+#: Every handler a test made, shut down after it: torch's handler stops its heartbeat
+#: timer only then, and a timer collected on its own thread fails ("cannot join current
+#: thread") in whichever test runs at that moment.
+_MADE: list[RendezvousHandler] = []
+
+
+@pytest.fixture(autouse=True)
+def _shut_down_every_handler() -> Iterator[None]:
+    yield
+    made, _MADE[:] = list(_MADE), []
+    for handler in made:
+        with contextlib.suppress(Exception):
+            handler.shutdown()
+
+
 def handlers(server: EtcdServer, key_prefix: str, handler: str, count: int, *,
              min_nodes: int, max_nodes: int, **options: str) -> list[RendezvousHandler]:
     run_id = f"contract-{uuid.uuid4().hex[:8]}"
@@ -31,7 +47,9 @@ def handlers(server: EtcdServer, key_prefix: str, handler: str, count: int, *,
         local_addr="127.0.0.1", key_prefix=key_prefix, handler=handler,
         **{"join_timeout": "30", "last_call_timeout": "1", "keep_alive_interval": "1",
            **options})
-    return [create_handler(params) for _ in range(count)]
+    made = [create_handler(params) for _ in range(count)]
+    _MADE.extend(made)
+    return made
 
 
 def in_threads(calls: list[Callable[[], Any]]) -> list[Any]:
