@@ -36,7 +36,8 @@ purged when etcd comes back.
 
 The modules, one concept each: :mod:`.model` (nodes, settings, seals, admissions),
 :mod:`.control` (the ``ctl/`` keys, parsed and followed), :mod:`.session` (leases and their
-policy), :mod:`.decide` (the protocol's rules, pure), :mod:`.node` (the executor:
+policy), :mod:`.view` (what a node knows), :mod:`.decide` (the protocol's rules, pure),
+:mod:`.rounds` (each step's etcd requests), :mod:`.node` (the executor:
 :class:`AsyncNativeRendezvous`), :mod:`.run` (closing a run, one protocol per run).
 """
 
