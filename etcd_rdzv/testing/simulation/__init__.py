@@ -32,7 +32,8 @@ Policy:
   only etcd shows (:mod:`.invariants`): a closed run seals no round, a waiting marker lives
   on a lease, one join key per node; and no busy loop (a node looping at one instant).
 * **A violation** prints the seed and the history of its round, with the steps of the nodes
-  involved and their join keys in etcd then (:meth:`SimReport.describe`).
+  involved and of the node that sealed the round, and their join keys in etcd then
+  (:meth:`SimReport.describe`).
 
 What the model leaves out: compaction (a rank read never meets ``CompactedError``), etcd
 members, leaders and their elections (a lease is never extended by an election), the run

@@ -4,9 +4,10 @@ sees only what the nodes say):
 * **A closed run seals no round** (torch's handler admits nobody once closed).
 * **A waiting marker lives on a lease** (``MarkWaiting``'s contract: it goes when its node
   does); one on no lease never goes.
-* **One join key per node**: the join Txn moves it. A node holds two only while its join's
-  answer is lost and it has not joined again (:data:`KEYS_GRACE`); longer, one was left
-  behind, and counts in a round its node is not in.
+* **One join key per node**: the join Txn moves it (it deletes every key the node may
+  hold). A node holds two only while its join's answer is lost and it has not joined again
+  (:data:`KEYS_GRACE`); longer, one was left behind, and counts in a round its node is not
+  in.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class EtcdChecks:
         """The revision ``ctl/closed`` was written at (0: open)."""
         self._flagged_keys: set[tuple[str | int, ...]] = set()
         self._two_keys: dict[tuple[str | int, ...], float] = {}
+        self.sealers: dict[int, str] = {}
+        """The node that sealed each round (its label), for a violation's history."""
         sim.etcd.watch(self, self._written)
 
     def _written(self, revision: int, key: bytes, value: bytes | None) -> None:
@@ -49,14 +52,16 @@ class EtcdChecks:
         if value is not None and key == sim.keys.closed and not self.closed_at:
             self.closed_at = revision
         parsed = sim.keys.parse_native(key) if value is not None else None
-        if parsed is not None and parsed.kind == "seal" and self.closed_at:
+        if parsed is not None and parsed.kind == "seal":
             sealer = Seal.decode(value or b"").sealer
-            sim.checker.flag("closed", f"round {parsed.round} was sealed at revision "
-                             f"{revision} by {sealer}, after the run was closed at revision "
-                             f"{self.closed_at}", sim.clock.now, parsed.round,
-                             tuple(label for label, node in sim.nodes.items()
-                                   if str(node.id) == sealer))
-            sim.seen()
+            labels = tuple(label for label, node in sim.nodes.items() if str(node.id) == sealer)
+            self.sealers.update((parsed.round, label) for label in labels)
+            if self.closed_at:
+                sim.checker.flag("closed", f"round {parsed.round} was sealed at revision "
+                                 f"{revision} by {sealer}, after the run was closed at "
+                                 f"revision {self.closed_at}", sim.clock.now, parsed.round,
+                                 labels)
+                sim.seen()
         if value is not None and key.startswith(sim.keys.waiting_prefix) and \
                 not sim.etcd.lease_of(key):
             sim.checker.flag("marker", f"{key.decode()} was written at revision {revision} "

@@ -6,15 +6,23 @@ instead of coroutines. Its loop builds the :class:`~etcd_rdzv.native.decide.Node
 session's lease), asks the rules (the real :func:`~etcd_rdzv.native.decide.decide` unless a
 test passes a variant), does the step's requests (:mod:`.requests`) and records the answer
 with the view's real ``after_*`` methods, exactly where ``node.py`` does: a lost lease makes
-it join again, etcd's silence is :meth:`~etcd_rdzv.native.decide.NodeView.after_silence`,
-the seal counts again and re-checks ``now >= seal_due`` on the fresh view first.
+it join again, etcd's silence is :meth:`~etcd_rdzv.native.decide.NodeView.after_silence`
+(but for a join's: it may have landed, so the node takes the key as put, with
+``after_join(..., error)``, and adds it to the keys it may hold), every join deletes all
+the keys the node may hold but its new one, and leaving the round deletes them all; the
+rank read uses the key of the view's round; the seal counts again and gives up on the
+fresh view when the count found the run closed or ``now < seal_due``. A new rendezvous
+starts with the seal of the node's last admission as its learned seal.
 
 Its process (calls, session, watch) is :class:`~.process.SimProcess`. Its agent is the
 soak's (:mod:`etcd_rdzv.testing.soak`): rendezvous, then train while polling
-``num_nodes_waiting()`` (positive when ``ctl/wait/<round + 1>`` is in the view and that
-round holds keys), and rendezvous again when it turns positive or the driver says a member
-of its round died. It polls only while the marker is in its view: without it the answer is
-0 without a read, so the skipped polls change nothing.
+``num_nodes_waiting()``, and rendezvous again when it turns positive or the driver says a
+member of its round died. ``num_nodes_waiting()`` is at least 1 without a read when the
+node's lease is no longer the one it was admitted with, or its view shows a round sealed
+after its own; otherwise it counts round + 1 when ``ctl/wait/<round + 1>`` is in the view,
+and is 0 without a read when it is not. So the agent polls only while one of those three
+holds (it looks when its lease is lost and when its watch shows a seal or a marker): the
+polls it skips would change nothing.
 """
 
 from __future__ import annotations
@@ -59,7 +67,11 @@ class SimNode(SimProcess):
 
     def __init__(self, world: World, label: str, node_id: NodeId) -> None:
         super().__init__(world, label, node_id)
-        self.member_key: bytes | None = None
+        self.held_keys: set[bytes] = set()
+        """The join keys this node may hold: its last, and any a join whose answer was lost
+        may have put (``AsyncNativeRendezvous._held_keys``)."""
+        self._admitted: tuple[Seal, int] | None = None
+        """The seal and the lease of the node's last admission."""
         self.view: NodeView | None = None
         self._waiting = False
         self._wait_token = 0
@@ -82,7 +94,8 @@ class SimNode(SimProcess):
         self._waiting = False
         self.admission = None
         now = self.world.clock.now
-        self.view = NodeView(self.world.settings, now, now, self.control.snapshot())
+        self.view = NodeView(self.world.settings, now, now, self.control.snapshot(),
+                             learned_seal=self._admitted[0] if self._admitted else None)
         self._loop()
 
     def _loop(self) -> None:
@@ -98,8 +111,10 @@ class SimNode(SimProcess):
         self.view = view
         self.note(step)
         if isinstance(step, Admitted):
-            self.admission = step.admission
-            self._admitted(step.admission)
+            seal = view.seal_of(step.admission.round)
+            assert seal is not None
+            self.admission, self._admitted = step.admission, (seal, view.key_lease)
+            self._train(step.admission)
         elif isinstance(step, Closed | TimedOut | Failed):
             self._give_up(step)
         elif isinstance(step, Wait):
@@ -138,10 +153,10 @@ class SimNode(SimProcess):
 
             self._call("grant", lambda: etcd.grant(world.settings.node_ttl), granted, silence)
         elif isinstance(step, Count):
-            read_at, round_ = world.clock.now, step.round
-            self._call("count", lambda: requests.count(etcd, keys, round_),
-                       lambda r: self._continue(view.after_count(Counts(r[0], r[1], read_at))),
-                       silence)
+            read_at, round_, lease = world.clock.now, step.round, view.key_lease
+            self._call("count", lambda: requests.count(etcd, keys, round_, self.name, lease,
+                                                       read_at),
+                       lambda counted: self._continue(view.after_count(counted[0])), silence)
         elif isinstance(step, MarkWaiting):
             mark = step
 
@@ -155,8 +170,7 @@ class SimNode(SimProcess):
         elif isinstance(step, SealRound):
             self._seal(step.round, view)
         elif isinstance(step, ReadRank):
-            assert self.member_key is not None
-            key, sealed = self.member_key, step.seal
+            key, sealed = keys.member(view.round, self.name), step.seal
             self._call("rank", lambda: requests.rank(etcd, keys, sealed, key),
                        lambda admission: self._continue(view.after_rank(admission)), silence)
         else:
@@ -164,11 +178,16 @@ class SimNode(SimProcess):
 
     def _join(self, step: Join, view: NodeView, lease: int) -> None:
         world = self.world
-        old_key, read_at = self.member_key, world.clock.now
+        key, read_at = world.keys.member(step.round, self.name), world.clock.now
+        held = frozenset(self.held_keys)  # the Txn is built when it is sent
 
-        def joined(counts: tuple[int, int]) -> None:
-            self.member_key = world.keys.member(step.round, self.name)
-            self._continue(view.after_join(step.round, lease, Counts(*counts, read_at)))
+        def joined(counts: Counts) -> None:
+            self.held_keys = {key}
+            self._continue(view.after_join(step.round, lease, counts))
+
+        def silence(error: str) -> None:  # it may have landed: the rules check
+            self.held_keys.add(key)
+            self._continue(view.after_join(step.round, lease, None, error))
 
         def lease_gone() -> None:
             self._lost(lease)  # the rules join again, with a new lease
@@ -178,28 +197,26 @@ class SimNode(SimProcess):
             self._continue(view.after_failure(EtcdConnectionError(error)))
 
         self._call("join", lambda: requests.join(world.etcd, world.keys, step.round, self.name,
-                                                 lease, old_key),
-                   joined, lambda error: self._continue(view.after_silence(error)), lease_gone,
-                   refused)
+                                                 lease, held, read_at),
+                   joined, silence, lease_gone, refused)
 
     def _seal(self, round_: int, view: NodeView) -> None:
         """Count again; if the fresh view still says so, cap and seal (``node._seal``)."""
         world, etcd, keys = self.world, self.world.etcd, self.world.keys
-        read_at = world.clock.now
+        read_at, lease = world.clock.now, view.key_lease
 
         def silence(error: str) -> None:
             self._continue(view.after_silence(error))
 
-        def counted(result: tuple[int, int, int]) -> None:
-            joined, previous, revision = result
-            fresh = replace(view, now=world.clock.now).after_count(
-                Counts(joined, previous, read_at))
-            if fresh.now < fresh.seal_due:
-                self._continue(fresh)  # fewer nodes now, or members came back
-            elif joined > world.settings.max_nodes:
+        def counted(result: tuple[Counts, int]) -> None:
+            counts, revision = result
+            fresh = replace(view, now=world.clock.now).after_count(counts)
+            if fresh.closed_seen or fresh.now < fresh.seal_due:
+                self._continue(fresh)  # closed, fewer nodes now, or members came back
+            elif counts.joined > world.settings.max_nodes:
                 cap(revision, fresh)
             else:
-                create(revision, joined, fresh)
+                create(revision, counts.joined, fresh)
 
         def cap(revision: int, fresh: NodeView) -> None:
             self._call("seal", lambda: requests.cap(etcd, keys, round_, revision,
@@ -220,7 +237,8 @@ class SimNode(SimProcess):
             self._call("seal", lambda: requests.seal(etcd, keys, mine, world.run_lease),
                        created, silence)
 
-        self._call("count", lambda: requests.count(etcd, keys, round_), counted, silence)
+        self._call("count", lambda: requests.count(etcd, keys, round_, self.name, lease,
+                                                   read_at), counted, silence)
 
     def _delete(self, key: bytes, then: Callable[[], None],
                 failed: Callable[[], None] | None = None) -> None:
@@ -229,7 +247,9 @@ class SimNode(SimProcess):
                    lambda _: (failed or then)())
 
     def _give_up(self, step: Closed | TimedOut | Failed) -> None:
-        """Leave the round, then end the process with the error (as the soak's node does)."""
+        """Leave the round (delete every key the node may hold, in key order, each whether
+        or not etcd answers), then end the process with the error (as the soak's node
+        does)."""
         if isinstance(step, Failed):
             error = type(step.error).__name__
         elif isinstance(step, TimedOut):
@@ -238,14 +258,17 @@ class SimNode(SimProcess):
             error = "StandbyExitError" if step.standby else "RunClosedError"
 
         def done() -> None:
-            self.member_key = None
             self.world.emit(self, "exit", error=error, detail=str(step))
             self._end()
 
-        if self.member_key is None:
-            done()
-        else:
-            self._delete(self.member_key, done)
+        def leave(held: list[bytes]) -> None:
+            if held:
+                self._delete(held[0], lambda: leave(held[1:]))
+            else:
+                done()
+
+        held, self.held_keys = sorted(self.held_keys), set()
+        leave(held)
 
     # --- the agent -----------------------------------------------------------------------------
 
@@ -259,18 +282,31 @@ class SimNode(SimProcess):
         if self.training:
             self.rendezvous()
 
-    def _admitted(self, admission: Admission) -> None:
+    def _train(self, admission: Admission) -> None:
         self.training = True
         self.world.emit(self, "admitted", admission=admission)
         self._maybe_poll()
 
     def _changed(self, change: ControlChange) -> None:
-        if change == "waiting":
+        if change in ("waiting", "sealed"):
             self._maybe_poll()
 
+    def _lost(self, lease: int) -> None:
+        super()._lost(lease)
+        self._maybe_poll()
+
+    def _out_of_round(self) -> bool:
+        """``num_nodes_waiting()``'s first test: the node's lease is no longer the one it
+        was admitted with, or a later round than its own was sealed."""
+        assert self._admitted is not None
+        seal, lease = self._admitted
+        return self.lease != lease or self.control.latest_round > seal.round
+
     def _maybe_poll(self) -> None:
+        """Start polling when ``num_nodes_waiting()`` may be positive."""
         if (self.training and not self._polling and self.admission is not None
-                and self.admission.round + 1 in self.control.waiting):
+                and self._admitted is not None
+                and (self._out_of_round() or self.admission.round + 1 in self.control.waiting)):
             self._polling = True
             self._later(self.world.uniform(0, POLL_INTERVAL[1]), self._poll)
 
@@ -278,6 +314,17 @@ class SimNode(SimProcess):
         """``num_nodes_waiting()``, and a new rendezvous when it is positive."""
         assert self.admission is not None
         world, next_round = self.world, self.admission.round + 1
+
+        def polled(waiting: int) -> None:
+            if waiting > 0:
+                world.emit(self, "waiting", count=waiting)
+                self.rendezvous()
+            else:
+                self._later(world.uniform(*POLL_INTERVAL), self._poll)
+
+        if self._out_of_round():  # its agent must restart it, as for a waiting node
+            polled(max(1, self._last_waiting))
+            return
         if next_round not in self.control.waiting:
             self._last_waiting, self._polling = 0, False
             return
@@ -285,24 +332,17 @@ class SimNode(SimProcess):
 
         def counted(waiting: int) -> None:
             self._last_waiting = waiting
-            polled()
-
-        def polled() -> None:
-            if self._last_waiting > 0:
-                world.emit(self, "waiting", count=self._last_waiting)
-                self.rendezvous()
-            else:
-                self._later(world.uniform(*POLL_INTERVAL), self._poll)
+            polled(waiting)
 
         self._call("poll", lambda: world.etcd.count(prefix, prefix_end(prefix)), counted,
-                   lambda _: polled())
+                   lambda _: polled(self._last_waiting))
 
     def leave(self, close_first: bool = False) -> None:
         """``leave()`` (``shutdown()`` with ``close_first``): revoke the lease at once."""
         world, lease = self.world, self.lease
         self._epoch += 1
         self._waiting = self.training = False
-        self.member_key = self.admission = None
+        self.held_keys, self.admission, self._admitted = set(), None, None
 
         def revoke() -> None:
             self._call("leave", lambda: world.etcd.revoke(lease), lambda _: left(),

@@ -1,7 +1,8 @@
 """What a simulated run found, and how a violation is shown: the seed, the history of the
-offending round (the checker's events) and the steps of the nodes involved (each node's
-trace: the rules' steps, its calls' faults, the changes its watch showed), merged in time
-order, so the interleaving that broke an invariant reads top to bottom."""
+offending round (the checker's events) and the steps of the nodes involved and of the node
+that sealed the round (each node's trace: the rules' steps, its calls' faults, the changes
+its watch showed), merged in time order, so the interleaving that broke an invariant reads
+top to bottom."""
 
 from __future__ import annotations
 
@@ -84,7 +85,9 @@ def describe_violations(sim: Simulation) -> str:
     for violation in sim.checker.violations:
         start, end = violation.window
         lines = [(event.at, f"{event}") for event in sim.checker.events_between(start, end)]
-        for label in violation.nodes:
+        sealer = sim.checks.sealers.get(violation.round) if violation.round else None
+        for label in (*violation.nodes, *(() if sealer in (None, *violation.nodes)
+                                          else (sealer,))):
             node = sim.nodes.get(label)
             if node is not None:
                 lines += [(at, f"{at:9.3f}s    {label:<5} . {show_step(what)}")

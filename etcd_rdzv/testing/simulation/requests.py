@@ -2,16 +2,20 @@
 the :class:`~.etcd.EtcdModel`: one function per request, no decisions, no faults (the node
 model decides whether a call reaches etcd and whether its answer comes back).
 
-Each mirrors its original line for line: the join Txn (delete the old key unless it is the
-new one, put the new key under the lease, count the round and the one before it, in one
-revision), the counts and their revision, the create-only waiting marker, the rank read at
-the seal's cutoff, the cap to the first ``max_nodes`` joiners, the create-only seal and the
-two cleanup deletes that follow it.
+Each mirrors its original line for line: the join Txn (delete every key the node may hold
+but the new one, put the new key under the lease, and count, in one revision), the counts
+(the round's join keys and the previous round's, whether the node's own key is there under
+its lease, whether the run is closed) and their revision, the create-only waiting marker,
+the rank read at the seal's cutoff, the cap to the first ``max_nodes`` joiners, the
+create-only seal and the two cleanup deletes that follow it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from etcd_rdzv.keys import RunKeys
+from etcd_rdzv.native.decide import Counts
 from etcd_rdzv.native.model import Admission, Seal
 
 from .etcd import EtcdModel, prefix_end
@@ -19,24 +23,36 @@ from .etcd import EtcdModel, prefix_end
 __all__ = ["cap", "count", "delete", "join", "mark_waiting", "rank", "seal"]
 
 
-def count(etcd: EtcdModel, keys: RunKeys, round_: int) -> tuple[int, int, int]:
-    """The join keys of ``round_`` and of the round before it, and the revision read at."""
-    return (_count(etcd, keys.round_prefix(round_)), _count(etcd, keys.round_prefix(round_ - 1)),
-            etcd.revision)
+def _counts(etcd: EtcdModel, keys: RunKeys, round_: int, key: bytes, lease: int,
+            read_at: float) -> Counts:
+    """``_count_ops`` and ``_counts_of``: the join keys of ``round_`` and of the round before
+    it, whether ``key`` is there under ``lease``, whether the run is closed."""
+    return Counts(_count(etcd, keys.round_prefix(round_)),
+                  _count(etcd, keys.round_prefix(round_ - 1)), read_at,
+                  mine=etcd.get(key) is not None and etcd.lease_of(key) == lease,
+                  closed=etcd.get(keys.closed) is not None)
+
+
+def count(etcd: EtcdModel, keys: RunKeys, round_: int, name: bytes, lease: int,
+          read_at: float) -> tuple[Counts, int]:
+    """The counts of ``round_`` and the previous one (and whether the node's key is there
+    under ``lease``, whether the run is closed), and the revision they were read at.
+    ``read_at``: when the node sent the read."""
+    return _counts(etcd, keys, round_, keys.member(round_, name), lease, read_at), etcd.revision
 
 
 def join(etcd: EtcdModel, keys: RunKeys, round_: int, name: bytes, lease: int,
-         old_key: bytes | None) -> tuple[int, int]:
-    """Put the node's key in ``round_`` under ``lease``, delete ``old_key``, count.
+         held: Iterable[bytes], read_at: float) -> Counts:
+    """Put the node's key in ``round_`` under ``lease``, delete the other keys it may hold
+    (``held``), and count.
 
     Raises:
         LeaseGoneError: etcd no longer has ``lease``.
     """
     key = keys.member(round_, name)
-    leave = [] if old_key in (None, key) else [old_key]
+    leave = sorted(set(held) - {key})
     etcd.write(deletes=leave, puts=[(key, b'{"joined_at": 0}', lease)])
-    joined, previous, _ = count(etcd, keys, round_)
-    return joined, previous
+    return _counts(etcd, keys, round_, key, lease, read_at)
 
 
 def mark_waiting(etcd: EtcdModel, keys: RunKeys, round_: int, name: bytes, lease: int) -> None:
