@@ -227,6 +227,11 @@ ROWS = [
     Row("count_misses_own_key_joins_the_same_round", Rule.JOIN,
         count(joined(1, 1), T0 + 1, 0).after_count(Counts(1, 0, T0 + 1, mine=False)),
         Join(1, Rule.JOIN)),
+    # Found by the simulation: a recount that misses the node's key ends its last call too,
+    # so a node whose lease expired never seals a round it is not in.
+    Row("recount_misses_own_key_no_seal", Rule.JOIN,
+        at(joined(1, 2), T0 + 6).after_count(Counts(1, 0, T0 + 6, mine=False)),
+        Join(1, Rule.JOIN)),
     Row("count_finds_the_run_closed_standby_stays_one", Rule.CLOSED,
         at(STANDBY, T0 + 1).after_count(Counts(1, 0, T0 + 1, closed=True)),
         Closed(standby=True)),
@@ -338,6 +343,12 @@ def test_room_is_no_standby() -> None:
     assert ROOM.previous_trains
     assert not joined(2, 1, 3, seals=[seal(1, size=4)]).standby
     assert not joined(2, 1, 0, seals=[seal(1, size=4)]).previous_trains
+
+
+def test_a_count_without_the_nodes_key_ends_its_last_call() -> None:
+    quorum = joined(1, 2)
+    assert quorum.seal_due == T0 + 5
+    assert quorum.after_count(Counts(1, 0, T0 + 6, mine=False)).seal_due == math.inf
 
 
 def test_last_call_runs_from_the_later_count() -> None:

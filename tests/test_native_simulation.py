@@ -2,11 +2,9 @@
 real rules against a model of etcd on a virtual clock, hundreds of seeds in seconds.
 
 * The etcd model's semantics that the protocol leans on, each shown once.
-* Many seeds keep every invariant, but for the bugs the simulation found in the current
-  code (:data:`KNOWN_BUGS`). Each is pinned by its shortest schedule as a strict expected
-  failure: once a bug is fixed its test passes, which fails the run (XPASS), and the bug
-  leaves :data:`KNOWN_BUGS` for :data:`FIXED_BUGS`, whose schedules must keep every
-  invariant.
+* Many seeds keep every invariant.
+* The bugs the simulation found, each by the shortest schedule that showed it
+  (:data:`FIXED_BUGS`): those schedules must now keep every invariant.
 * The simulation catches broken rules: parts of an earlier fix (72d92d2) reverted.
 
 ``SIM_SEEDS`` (default 200) seeds of ``SIM_SECONDS`` (default 60) virtual seconds of faults
@@ -16,9 +14,7 @@ each; ``make soak`` runs a longer form.
 from __future__ import annotations
 
 import os
-import re
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
@@ -36,7 +32,6 @@ from etcd_rdzv.testing.simulation.etcd import (
     RefusedError,
     prefix_end,
 )
-from etcd_rdzv.testing.soak import Violation
 
 SIM_SEEDS = int(os.environ.get("SIM_SEEDS", "200"))
 SIM_SECONDS = float(os.environ.get("SIM_SECONDS", "60"))
@@ -105,19 +100,15 @@ def test_writes_etcd_refuses_write_nothing() -> None:
 #: in one burst.
 Schedule = tuple[int, tuple[str, ...], int, int, int]
 
-#: The bugs the simulation found in the current code: name -> what happens, and its shortest
-#: schedule.
-KNOWN_BUGS: dict[str, tuple[str, Schedule]] = {
-    "sealed-short": ("a node whose lease expires after the count that made its round due "
-                     "seals it anyway: the seal step's recount misses its own key (mine is "
-                     "False), which drops its key but keeps its quorum_at, so seal_due has "
-                     "passed and the round is sealed with the keys left, fewer than "
-                     "min_nodes, by a node not in it", (14, ("stall",), 2, 2, 2)),
-}
-
-#: The bugs the simulation found and 306cf67 fixed: name -> what happened, and the shortest
-#: schedule that showed it, which must now keep every invariant.
+#: The bugs the simulation found, all fixed (306cf67, and sealed-short in the commit after
+#: 3a28f5f): name -> what happened, and the shortest schedule that showed it, which must now
+#: keep every invariant.
 FIXED_BUGS: dict[str, tuple[str, Schedule]] = {
+    "sealed-short": ("a node whose lease expired after the count that made its round due "
+                     "sealed it anyway: the seal step's recount missed its own key, which "
+                     "dropped its key but kept its last call, so the round was sealed with the "
+                     "keys left, fewer than min_nodes, by a node not in it",
+                     (14, ("stall",), 2, 2, 2)),
     "readmitted": ("a node that sealed its round itself and restarted before its watch showed "
                    "the seal joined that round again (its fresh view forgot the learned "
                    "seal) and was admitted to it a second time", (645, ("leave",), 2, 2, 2)),
@@ -144,52 +135,22 @@ def schedule(seed: int, faults: tuple[str, ...], min_nodes: int, max_nodes: int,
                               max_nodes=max_nodes, nodes=nodes)
 
 
-def known_bug(violation: Violation, earlier: list[Violation]) -> str | None:
-    """Which of :data:`KNOWN_BUGS` ``violation`` shows (``earlier``: its report's before)."""
-    short = re.search(r"got a world of (\d+), outside min_nodes=(\d+)", violation.message)
-    if violation.kind == "world-size" and short and int(short[1]) < int(short[2]):
-        return "sealed-short"
-    return None
-
-
 @pytest.mark.timeout(max(120.0, SIM_SEEDS * (SIM_SECONDS + 60) / 300))  # 10x this machine's
-def test_many_seeds_keep_the_invariants_but_for_the_known_bugs() -> None:
+def test_many_seeds_keep_the_invariants() -> None:
     started = time.perf_counter()
-    known: Counter[str] = Counter()
-    unknown: list[SimReport] = []
+    failed: list[SimReport] = []
     rounds = events = 0
     for seed in range(SIM_SEEDS):
         report = simulate(SimConfig.for_seed(SIM_SECONDS, seed))
         rounds, events = rounds + report.rounds_sealed, events + report.events
-        bugs = [known_bug(v, list(report.violations[:i]))
-                for i, v in enumerate(report.violations)]
-        known.update(bug for bug in bugs if bug is not None)
-        if None in bugs:
-            unknown.append(report)
+        if not report.ok:
+            failed.append(report)
     took = time.perf_counter() - started
     print(f"{SIM_SEEDS} seeds x {SIM_SECONDS:g} virtual s in {took:.1f} s "
           f"({SIM_SEEDS / took:.1f} seeds/s, {events / took:.0f} events/s), {rounds} rounds; "
-          f"known bugs seen: {dict(known) or 'none'}")
-    assert not unknown, "\n\n".join(report.describe() for report in unknown[:3])
+          f"{len(failed)} seeds with violations")
+    assert not failed, "\n\n".join(report.describe() for report in failed[:3])
     assert rounds > SIM_SEEDS  # the seeds did form rounds, under faults
-
-
-class KnownBugError(Exception):
-    """A schedule showed its known bug, and nothing else: the expected failure."""
-
-
-@pytest.mark.parametrize("bug", sorted(KNOWN_BUGS))
-def test_the_shortest_schedule_of_a_known_bug(bug: str, request: pytest.FixtureRequest) -> None:
-    """Strictly expected to fail with its bug (a violation no known bug explains fails the
-    test; once the bug no longer shows, the pass fails it as XPASS: take it out of
-    KNOWN_BUGS)."""
-    what, shape = KNOWN_BUGS[bug]
-    request.applymarker(pytest.mark.xfail(strict=True, raises=KnownBugError, reason=what))
-    report = simulate(schedule(*shape))
-    found = {known_bug(v, list(report.violations[:i])) for i, v in enumerate(report.violations)}
-    assert None not in found, report.describe()
-    if bug in found:
-        raise KnownBugError(report.describe())
 
 
 @pytest.mark.parametrize("bug", sorted(FIXED_BUGS))

@@ -175,8 +175,8 @@ class NodeView:
         the node's own key leaves it with no key."""
         if counts.closed:
             return replace(self, closed_seen=True, unreachable=None)
-        if not counts.mine:
-            return replace(self, key_lease=0, counts=counts, unreachable=None)
+        if not counts.mine:  # no key: no last call of its own either (it joins again)
+            return replace(self, key_lease=0, counts=counts, quorum_at=None, unreachable=None)
         view = replace(self, counts=counts, unreachable=None)
         quorum = counts.joined >= self.settings.min_nodes and not view.previous_trains
         quorum_at = (self.quorum_at if self.quorum_at is not None else counts.read_at) \
