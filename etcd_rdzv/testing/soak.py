@@ -623,13 +623,14 @@ class PlannedFault:
     after: float
     """Seconds after the previous fault of the burst (or its start)."""
     kind: FaultKind
+    """What happens."""
     target: float
     """Which node a crash or a leave hits: this fraction into the eligible nodes, in the
     order of their labels, when it strikes."""
     seconds: float
     """How long a paused member stays paused, or a killed leader dead."""
     member: int
-    """The member a pause hits."""
+    """The member a pause hits (a leader kill hits whichever member leads then)."""
 
 
 @dataclass(frozen=True)
@@ -641,6 +642,7 @@ class Burst:
     etcd_only: bool
     """Whether it has etcd faults only."""
     faults: tuple[PlannedFault, ...]
+    """The faults, in order."""
 
 
 def plan_bursts(config: SoakConfig, members: int = 3) -> tuple[Burst, ...]:
