@@ -22,10 +22,10 @@ Policy:
   it turns positive. When a member of a round dies (crash, graceful leave) or rendezvouses
   again, the workers of the round's other members fail their collectives and their agents
   rendezvous again; the driver, which knows what it killed and who left, tells them to do
-  so after a small random delay. A rank nobody holds (its node died before it said so) fails the
-  collectives the same way: the driver tells that round's members after
+  so after a small random delay. A rank nobody holds (its node died before it said so)
+  fails the collectives the same way: the driver tells that round's members after
   :data:`MISSING_RANK_AFTER`.
-* **Faults** are drawn from a :class:`random.Random` seeded with the seed: a node crashed
+* **Faults**, drawn from a :class:`random.Random` seeded with the seed: a node crashed
   and replaced by a new one; a training node leaving gracefully (``leave()``: torch's
   ``shutdown()`` closes the run for everyone) and replaced; an extra node beyond
   ``max_nodes`` (a standby); the etcd leader killed and restarted; a member paused (SIGSTOP)
@@ -43,15 +43,15 @@ Policy:
   node; no exception escaping ``next_rendezvous`` (``RunClosedError`` and
   ``StandbyExitError`` only after the driver closed the run).
 * **Liveness**: faults come in bursts (:attr:`SoakConfig.burst_seconds`), some of them
-  of etcd faults only (:attr:`SoakConfig.etcd_only_bursts`). Once a burst has
-  stopped, every live node that is not a standby is a member of one final round with ranks
-  ``0..W-1``, the nodes outside it are standbys of a full round, and each of those holds a
-  join key past the final round in etcd, within :func:`liveness_bound` seconds (its
-  docstring gives the sum), and no join key or waiting marker is without a lease. That
-  is the driver's one look into etcd (:class:`EtcdLook`), at what no call of the API
-  shows: a waiting node without a join key can never be counted by
-  ``num_nodes_waiting()``, so it waits for nothing; a key without a lease outlives every
-  node.
+  of etcd faults only (:attr:`SoakConfig.etcd_only_bursts`). Within :func:`liveness_bound`
+  seconds of a burst's end (its docstring gives the sum) the run must settle: every live
+  node that is not a standby a member of one final round with ranks ``0..W-1``, every
+  other live node a standby beside a full round. The driver then looks once into etcd
+  (:class:`EtcdLook`), at what no call of the API shows: each waiting node must hold a
+  join key past the final round (else ``num_nodes_waiting()`` can never count it, and it
+  waits for nothing); a member of the final round without its join key (its lease lapsed
+  while it trained) leaves room, so nobody may wait beside it; no join key or waiting
+  marker may be without a lease (nothing would ever delete it).
 * **The end**: the rank-0 member closes the run (``shutdown()``) and the other members
   rendezvous again, as torch's agents do when a member's workers stop. The standbys must then
   get :class:`~etcd_rdzv.StandbyExitError`, the members
