@@ -33,7 +33,7 @@ ETCD_RELEASE_TESTS := \
 	tests/test_torchrun_e2e.py::test_every_option_passes_through_rdzv_conf \
 	tests/test_torchrun_e2e.py::test_every_native_option_passes_through_rdzv_conf
 
-.PHONY: install test pytest pytest-etcd-debian lint docs dist demo bench bench-quick clean
+.PHONY: install test pytest pytest-etcd-debian soak lint docs dist demo bench bench-quick clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,21 @@ pytest: install
 pytest-etcd-debian: install $(ETCD_DEBIAN)
 	$(ETCD_DEBIAN) --version | head -1
 	ETCD_BINARY_PATH="$(abspath $(ETCD_DEBIAN))" $(BIN)/python -m pytest $(ETCD_RELEASE_TESTS)
+
+# The native rendezvous's randomized fault soak (etcd_rdzv.testing.soak), longer than the
+# minute of seed 1 in `make test`: each of SOAK_SEEDS for SOAK_SECONDS of faults against a
+# 3-member etcd, then the checks. One seed takes about SOAK_SECONDS + 60 s.
+SOAK_SECONDS ?= 150
+SOAK_SEEDS ?= 2,3,4,5,6
+# Then the seeded simulation (etcd_rdzv.testing.simulation): SIM_SEEDS seeds of SIM_SECONDS
+# virtual seconds each against a model of etcd, about 3 minutes.
+SIM_SEEDS ?= 1000
+SIM_SECONDS ?= 300
+soak: install
+	SOAK_SECONDS=$(SOAK_SECONDS) SOAK_SEEDS=$(SOAK_SEEDS) $(BIN)/python -m pytest -rP \
+		tests/test_native_soak.py -k test_native_rendezvous_soak
+	SIM_SEEDS=$(SIM_SEEDS) SIM_SECONDS=$(SIM_SECONDS) $(BIN)/python -m pytest -rP \
+		tests/test_native_simulation.py -k many_seeds
 
 # apt-get download needs the package lists: root updates them (CI runs as root).
 $(ETCD_DEBIAN):
