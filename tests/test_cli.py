@@ -678,10 +678,6 @@ def test_user_and_password_file(auth_server: EtcdServer, tmp_path: Path) -> None
         result.failed_with(EXIT_USAGE)
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> TlsCertificates:
-    return make_certificates(tmp_path_factory.mktemp("cli-pki"))
-
 
 def test_tls_flags(certs: TlsCertificates) -> None:
     with EtcdServer(tls=certs, client_cert_auth=True) as server:

@@ -37,7 +37,7 @@ from etcd_rdzv import (
 from etcd_rdzv._connection import UNTIL_CANCELLED, WatchEvent
 from etcd_rdzv.config import parse_endpoints
 from etcd_rdzv.keys import RunKeys
-from etcd_rdzv.testing import EtcdCluster, EtcdServer, TlsCertificates, make_certificates
+from etcd_rdzv.testing import EtcdCluster, EtcdServer, TlsCertificates
 
 #: A deadline far longer than any test waits for a permanent error: one raised within
 #: ``AT_ONCE`` was not retried until it.
@@ -53,14 +53,6 @@ def auth_server() -> Iterator[EtcdServer]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> TlsCertificates:
-    return make_certificates(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def other_certs(tmp_path_factory: pytest.TempPathFactory) -> TlsCertificates:
-    return make_certificates(tmp_path_factory.mktemp("other-pki"))
 
 
 @pytest.fixture(scope="module")

@@ -25,17 +25,7 @@ from etcd_rdzv import (
     EtcdConnectionError,
 )
 from etcd_rdzv.elastic import create_backend
-from etcd_rdzv.testing import EtcdCluster, EtcdServer, TlsCertificates, make_certificates
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> TlsCertificates:
-    return make_certificates(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def other_certs(tmp_path_factory: pytest.TempPathFactory) -> TlsCertificates:
-    return make_certificates(tmp_path_factory.mktemp("other-pki"))
+from etcd_rdzv.testing import EtcdCluster, EtcdServer, TlsCertificates
 
 
 @pytest.fixture(scope="module")
