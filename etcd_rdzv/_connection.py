@@ -508,15 +508,19 @@ class EtcdClient:
                     log.info("etcd auth token expired; authenticating again")
                     await self._reconnect(client)
                     continue
-                if (exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and client is not None
-                        and len(self._config.endpoints) > 1 and self._client is client):
-                    # pick_first stays on a member that accepts connections but never answers
-                    # (paused, overloaded): reconnect starting from the next endpoint.
-                    self._rotation += 1
-                    log.info("etcd member did not answer in time; moving to the next endpoint")
-                    await self._reconnect(client)
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and client is not None:
+                    await self._move_on_from(client)
                 raise _map_grpc_error(exc, what, self._config, self._answered) from exc
         raise AssertionError("unreachable")
+
+    async def _move_on_from(self, silent: _Session) -> None:
+        """A member took a call and did not answer in time. pick_first stays on a member that
+        accepts connections but never answers (paused, overloaded): with several endpoints,
+        reconnect starting from the next one."""
+        if len(self._config.endpoints) > 1 and self._client is silent:
+            self._rotation += 1
+            log.info("etcd member did not answer in time; moving to the next endpoint")
+            await self._reconnect(silent)
 
     async def _retrying(
         self, what: str, call: Callable[[_Session, float], Awaitable[T]], deadline: Deadline
@@ -576,7 +580,12 @@ class EtcdClient:
         Retried within ``deadline``: renewing twice is harmless. It writes no revision.
         """
         async def call(session: _Session, timeout: float) -> int:
-            return await session.keep_alives.renew(lease_id, timeout)
+            try:
+                return await session.keep_alives.renew(lease_id, timeout)
+            except UnavailableError:
+                # Unanswered renewals must not stay on a hung member until the lease runs out.
+                await self._move_on_from(session)
+                raise
 
         return await self._retrying(f"Renewing lease {lease_id:x}", call, deadline)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
@@ -11,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import pytest_asyncio
 
-from etcd_rdzv import AsyncEtcdRendezvousBackend, EtcdClient, EtcdConfig
+from etcd_rdzv import AsyncEtcdRendezvousBackend, Deadline, EtcdClient, EtcdConfig, TransientError
 from etcd_rdzv.config import parse_endpoints
 from etcd_rdzv.testing import EtcdCluster
 from etcd_rdzv.testing.agents import run_agents
@@ -141,3 +142,28 @@ async def test_history_under_faults_is_linearizable(
     assert violations == []
     assert counts["successful_sets"] > 50
     assert len(faults.log) == 8
+
+
+@pytest.mark.timeout(120)
+async def test_keep_alives_move_off_a_hung_member_and_the_lease_lives(
+        cluster: EtcdCluster) -> None:
+    # A follower the client talks to is paused (hung, not dead): its unanswered renewals
+    # must move the client to another member before the lease's TTL runs out.
+    leader = await asyncio.to_thread(cluster.leader_index)
+    hung = (leader + 1) % 3
+    order = [hung, *(i for i in range(3) if i != hung)]
+    config = EtcdConfig(endpoints=parse_endpoints(
+        ",".join(cluster.members[i].endpoint for i in order)), request_timeout=1.0,
+        read_timeout=5.0)
+    async with EtcdClient(config) as client:
+        lease = await client.grant_lease(4, Deadline.after(5))
+        cluster.pause(hung)
+        try:
+            for _ in range(8):  # 8 s, twice the TTL: renew every second, as a node would
+                with contextlib.suppress(TransientError):
+                    await client.keep_alive(lease, Deadline.after(2))
+                await asyncio.sleep(1.0)
+            status = await client.lease_status(lease, Deadline.after(5))
+        finally:
+            cluster.resume(hung)
+    assert status.ttl > 0, "the lease expired while its renewals went to a hung member"
