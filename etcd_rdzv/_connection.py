@@ -502,6 +502,14 @@ class EtcdClient:
                 result = await call(client, deadline.attempt_timeout(self._config.request_timeout))
                 self._answered = True
                 return result
+            except asyncio.CancelledError:
+                if _task_cancelling() or client is None or self._client is client:
+                    raise
+                # Another call reconnected and closed the channel under this one: the call
+                # broke (it may have been applied), this task was not cancelled.
+                raise UnavailableError(f"{what} failed: the channel to etcd at "
+                                       f"{self._config.targets} was closed (reconnecting)."
+                                       ) from None
             except grpc.aio.AioRpcError as exc:
                 if (exc.code() == grpc.StatusCode.UNAUTHENTICATED and not relogin
                         and self._config.username is not None and client is not None):
