@@ -85,9 +85,11 @@ _inherited_clients: list[object] = []
 _TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                               grpc.StatusCode.CANCELLED})
 #: etcd server errors that pass, whatever status code carries them (a leader election, a
-#: server-side timeout while the cluster is busy).
+#: server-side timeout while the cluster is busy), and gRPC core's INTERNAL for a stream
+#: broken on this side (a channel closed under a lease keep-alive stream by a reconnect to
+#: the next endpoint: seen in the fault soak).
 _TRANSIENT_DETAILS = ("context deadline exceeded", "request timed out", "leader changed",
-                      "no leader", "too many requests")
+                      "no leader", "too many requests", "Internal error from Core")
 #: The pause between attempts of a unary call, seconds, doubling from the first to the
 #: second (with jitter). Short: a call has only its deadline (read_timeout) to succeed, and
 #: a failover or a leader election usually ends within a second.
